@@ -88,6 +88,8 @@ def decode_depth(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def encode_depth(metres: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
+    """metres: [1, H, W] (as decode returns it) or [H, W]; valid: [H, W] -> uint16 [H, W]."""
+    metres = metres[0] if metres.ndim == 3 else metres
     out = np.clip(np.round(metres * DEPTH_UNITS_PER_METRE), 0, DEPTH_INVALID - 1).astype(np.uint16)
     if valid is not None:
         out[~valid] = DEPTH_INVALID
