@@ -1,0 +1,92 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from modsquad.tasks.registry import IGNORE_INDEX, TASKS, get_task
+from modsquad.tasks.visualize import (
+    LABEL_HEIGHT,
+    colorize,
+    colorize_labels,
+    make_grid,
+    save_prediction_png,
+    voc_palette,
+)
+
+H, W = 12, 16
+
+
+def _pred(name):
+    spec = get_task(name)
+    return torch.randn(spec.channels, H, W) if spec.is_dense else torch.randn(spec.channels)
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_colorize_every_task(name):
+    pred = _pred(name)
+    out = colorize(name, pred)
+    assert out.dtype == np.uint8
+    assert out.shape == ((64, 64, 3) if name.startswith("class_") else (H, W, 3))
+    assert np.array_equal(out, colorize(name, pred.clone()))  # deterministic
+
+
+def test_colorize_accepts_numpy_and_tensor_alike():
+    x = torch.randn(1, H, W)
+    assert np.array_equal(colorize("depth_euclidean", x), colorize("depth_euclidean", x.numpy()))
+
+
+def test_voc_palette_is_the_standard_and_deterministic():
+    p = voc_palette()
+    assert p.shape == (256, 3) and p.dtype == np.uint8
+    assert p[0].tolist() == [0, 0, 0] and p[1].tolist() == [128, 0, 0] and p[2].tolist() == [0, 128, 0]
+    assert p[15].tolist() == [192, 128, 128]  # VOC "person"
+    assert np.array_equal(p, voc_palette())
+    labels = np.array([[0, 1], [15, IGNORE_INDEX]])
+    assert colorize_labels(labels)[1, 0].tolist() == [192, 128, 128]
+
+
+def test_segmentation_logits_and_labels_agree():
+    labels = torch.randint(0, 18, (H, W))
+    logits = torch.nn.functional.one_hot(labels, 18).permute(2, 0, 1).float() * 5
+    assert np.array_equal(colorize("segment_semantic", logits), colorize("segment_semantic", labels))
+
+
+def test_normals_and_masks():
+    up = torch.zeros(3, 2, 2)
+    up[2] = 1.0
+    out = colorize("normal", up, mask=torch.tensor([[True, True], [True, False]]))
+    assert out[0, 0].tolist() == [128, 128, 255] and out[1, 1].tolist() == [0, 0, 0]
+
+
+def test_depth_uses_given_range_and_blacks_out_invalid():
+    depth = torch.linspace(0, 10, H * W).view(1, H, W)
+    mask = torch.ones(H, W, dtype=torch.bool)
+    mask[0, 0] = False
+    out = colorize("depth_euclidean", depth, mask=mask, value_range=(0.0, 10.0))
+    assert out[0, 0].tolist() == [0, 0, 0] and not np.array_equal(out[0, 1], out[-1, -1])
+
+
+def test_saliency_logits_vs_probabilities():
+    zero_logits = torch.zeros(1, H, W)
+    assert colorize("sal", zero_logits, logits=True)[0, 0].tolist() == [128, 128, 128]  # sigmoid(0) = .5
+    assert colorize("sal", torch.ones(1, H, W))[0, 0].tolist() == [255, 255, 255]  # target in {0, 1}
+
+
+def test_make_grid_layout():
+    tasks = ["depth_euclidean", "segment_semantic", "class_object"]
+    image = torch.rand(3, H, W)
+    preds = {t: _pred(t) for t in tasks}
+    targets = {"depth_euclidean": torch.rand(1, H, W), "segment_semantic": torch.randint(0, 18, (H, W))}
+    grid = make_grid(image, preds, targets, masks={"depth_euclidean": torch.rand(H, W) > 0.5}, pad=2)
+    assert grid.dtype == np.uint8
+    assert grid.shape == (3 * (H + LABEL_HEIGHT) + 2 * 2, 3 * W + 2 * 2, 3)
+    no_targets = make_grid(image, preds, labels=False, pad=2)
+    assert no_targets.shape == (3 * H + 2 * 2, 2 * W + 2, 3)
+
+
+def test_save_prediction_png_round_trip(tmp_path):
+    img = colorize("normal", torch.randn(3, H, W))
+    path = save_prediction_png(tmp_path / "a" / "b.png", img)
+    assert np.array_equal(np.asarray(Image.open(path)), img)
+    with pytest.raises(ValueError):
+        save_prediction_png(tmp_path / "c.png", img.astype(np.float32))
