@@ -1,0 +1,164 @@
+"""Which experts a task keeps, and the single-task model made of only those experts.
+
+Mod-Squad's point is that a multi-task MoE model holds a small model per task: the experts a task's router
+actually picks. Given expert usage counts (`modsquad.extract.usage`), `select_experts` picks per task and MoE
+layer the experts to keep, and `extract_task` builds a `MultiTaskViT` for that task alone whose MoE layers hold
+only those experts, with the task's router rows, task embedding and head:
+
+    kept = select_experts(counts, top_ks, threshold=0.0)             # {layer: [expert ids]}
+    sub = extract_task(model, "depth_euclidean", kept)               # MultiTaskViT(tasks=[task]), eval mode
+
+Routers pick the top-k of their logits and weigh the chosen experts by a softmax over the chosen logits only, so
+when every expert a token chose is kept, the token chooses the same experts with the same weights in the
+extracted model and its output is unchanged. `task_level` routers decide once per task; their layers are folded
+into dense layers afterwards (`modsquad.extract.standalone.fold_moe_layers`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..moe import (
+    MoEAttention,
+    MoEMlp,
+    PerTaskRouter,
+    SharedRouter,
+    TaskConditionedRouter,
+    TaskLevelRouter,
+    experts_for_mass,
+    experts_over_threshold,
+)
+
+SELECTION_MODES = ("used", "threshold", "mass")
+
+
+def check_selection(threshold: float | None = None, mass: float | None = None) -> None:
+    """ConfigError unless `threshold` in [0, 1) or `mass` in (0, 1] (at most one of them)."""
+    if threshold is not None and mass is not None:
+        raise ConfigError("give either a usage threshold or a routing mass, not both")
+    if threshold is not None and not (isinstance(threshold, (int, float)) and 0.0 <= threshold < 1.0):
+        raise ConfigError(f"threshold must be in [0, 1), got {threshold}")
+    if mass is not None and not (isinstance(mass, (int, float)) and 0.0 < mass <= 1.0):
+        raise ConfigError(f"mass must be in (0, 1], got {mass}")
+
+
+def select_layer_experts(counts: Sequence[int] | torch.Tensor, top_k: int, threshold: float | None = None,
+                         mass: float | None = None) -> list[int]:
+    """Experts one task keeps in one layer, as sorted ids; never fewer than `top_k`.
+
+    counts: [E] top-k selections of the task per expert. Default (`threshold=None`, `mass=None`) keeps every
+    expert the task selected at least once, which is `threshold=0`: experts whose usage share exceeds the
+    threshold. `mass` keeps the fewest most-used experts that carry that share of the selections. If a task
+    used fewer than `top_k` experts (or none), the most used ones (then the lowest ids) fill up to `top_k`.
+    """
+    check_selection(threshold, mass)
+    counts = torch.as_tensor(counts)
+    if mass is not None:
+        kept = experts_for_mass(counts, mass, min_keep=top_k)
+    else:
+        # experts_over_threshold keeps share >= t; the next float above t makes that "share > t"
+        kept = experts_over_threshold(counts, math.nextafter(threshold or 0.0, math.inf), min_keep=top_k)
+    return kept.tolist()
+
+
+def select_experts(counts: Mapping[str, Sequence[int]], top_k: Mapping[str, int], threshold: float | None = None,
+                   mass: float | None = None) -> dict[str, list[int]]:
+    """Kept experts of one task in every MoE layer: {layer name: sorted ids} (see `select_layer_experts`).
+
+    counts: {layer name: [E] selections of the task}; top_k: {layer name: the layer's top-k}.
+    """
+    return {name: select_layer_experts(counts[name], top_k[name], threshold, mass) for name in top_k}
+
+
+# --- slicing ------------------------------------------------------------------------------------------------
+
+def _slice_router(router: nn.Module, task: int, kept: torch.Tensor) -> dict[str, torch.Tensor]:
+    """State of a one-task router over the kept experts (keys relative to the router)."""
+    t = slice(task, task + 1)
+    if isinstance(router, PerTaskRouter):  # weight: [num_tasks, E, D]
+        state = {"weight": router.weight[t][:, kept]}
+        if router.noise_weight is not None:
+            state["noise_weight"] = router.noise_weight[t][:, kept]
+        return state
+    if isinstance(router, TaskConditionedRouter):  # gate: Linear(D + task_dim, E), task_embed: [num_tasks, td]
+        return {"task_embed": router.task_embed[t], "gate.weight": router.gate.weight[kept],
+                "gate.bias": router.gate.bias[kept]}
+    if isinstance(router, TaskLevelRouter):  # task_logits: [num_tasks, E]
+        return {"task_logits": router.task_logits[t][:, kept]}
+    if isinstance(router, SharedRouter):  # gate: Linear(D, E, bias=False)
+        return {"gate.weight": router.gate.weight[kept]}
+    raise TypeError(f"cannot extract from router {type(router).__name__}")
+
+
+def slice_moe_layer(layer: nn.Module, task: int, kept: Sequence[int]) -> dict[str, torch.Tensor]:
+    """State dict (keys relative to the layer) of `layer` restricted to task `task` and experts `kept`.
+
+    Expert weights are stored expert-first (`[E, ...]`), so keeping experts is an index on dim 0; the shared
+    key/value projection and output bias of MoE attention are kept whole. The usage counts start at zero.
+    """
+    idx = torch.as_tensor(list(kept), dtype=torch.long, device=layer.usage.device)
+    if isinstance(layer, MoEMlp):
+        expert_params = ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")
+    elif isinstance(layer, MoEAttention):
+        expert_params = ("q_weight", "q_bias", "o_weight")
+    else:
+        raise TypeError(f"not an MoE layer: {type(layer).__name__}")
+    state = {}
+    for name, value in layer.state_dict().items():
+        if name.startswith("router.") or name == "usage":
+            continue
+        state[name] = value.index_select(0, idx) if name in expert_params else value
+    state.update({f"router.{k}": v for k, v in _slice_router(layer.router, task, idx).items()})
+    state["usage"] = torch.zeros(1, len(idx), dtype=layer.usage.dtype, device=layer.usage.device)
+    return {k: v.detach().clone() for k, v in state.items()}
+
+
+def task_config(model: nn.Module, task: str, kept: Mapping[str, Sequence[int]]) -> dict:
+    """`model.config` for the single-task model that keeps `kept[layer]` experts in each MoE layer."""
+    layers = model.moe_layers()
+    missing = [name for name, _ in layers if name not in kept]
+    if missing:
+        raise ValueError(f"no kept experts given for MoE layer(s) {missing}")
+    config = dict(model.config)
+    config["tasks"] = [task]
+    config["attn_experts"] = [len(kept[n]) for n, m in layers if isinstance(m, MoEAttention)]
+    config["mlp_experts"] = [len(kept[n]) for n, m in layers if isinstance(m, MoEMlp)]
+    return config
+
+
+def extract_task(model: nn.Module, task: str, kept: Mapping[str, Sequence[int]]) -> nn.Module:
+    """A `MultiTaskViT` for `task` alone with the experts `kept[layer]` (sorted ids) of every MoE layer.
+
+    Built from the model's own config (so the same class and layers), then loaded with: the sliced MoE layers,
+    the task's row of the task embedding, the task's head and every shared weight unchanged. Returned in eval
+    mode on the model's device.
+    """
+    from ..models import build_model_from_config
+
+    t = model.task_index(task)
+    sub = build_model_from_config(task_config(model, task, kept))
+    source = model.state_dict()
+    state = {}
+    for name in sub.state_dict():
+        if name.startswith("heads."):
+            continue
+        if name == "task_embed":
+            state[name] = source[name][t:t + 1]
+        elif name in source:
+            state[name] = source[name]
+    for name, layer in model.moe_layers():
+        state.update({f"{name}.{k}": v for k, v in slice_moe_layer(layer, t, kept[name]).items()})
+    state.update({f"heads.{task}.{k}": v for k, v in model.heads[task].state_dict().items()})
+    sub.load_state_dict(state, strict=True)
+    device = next(model.parameters()).device
+    return sub.to(device).eval()
+
+
+def count_params(module: nn.Module) -> int:
+    """Number of parameters (buffers such as usage counts are not parameters)."""
+    return sum(p.numel() for p in module.parameters())

@@ -1,0 +1,254 @@
+"""Standalone single-task models: the module that `modsquad.load_extracted` returns, and folding of fixed routing.
+
+An extracted task lives in a directory of two files (written by `modsquad.extract.export.save_extracted`):
+
+    config.json         format, task, task spec, the single-task `model_config`, whether MoE layers are folded,
+                        kept expert ids per layer, source checkpoint hash, sha256 of the weights, measured error
+    model.safetensors   the weights of that single-task `MultiTaskViT` (after folding)
+
+`load_extracted(dir)` rebuilds the architecture from `model_config` with the same `MultiTaskViT` class, applies the
+same folding (shapes only depend on the config) and loads the weights; it needs no other file.
+
+Folding: a `task_level` router makes one decision per (task, layer) that does not look at the tokens, so in eval
+every token of the task goes through the same k experts with the same weights. Such a MoE MLP is exactly a dense
+MLP whose hidden units are the k experts' hidden units side by side, with each expert's output rows scaled by its
+weight; such a MoA layer is a multi-query attention with k heads sharing one key/value projection.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import CheckpointError, UserError
+from ..moe import MoEAttention, MoEMlp, TaskLevelRouter
+
+EXTRACTED_FORMAT = "modsquad-extracted"
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+ONNX_NAME = "model.onnx"
+
+
+class FoldedMoEAttention(nn.Module):
+    """MoE attention with fixed experts and weights: multi-query attention, k heads sharing keys/values.
+
+    q: Linear(dim, k * head_dim) holds the k experts' query projections; kv: the layer's shared Linear(dim,
+    2 * head_dim); proj: Linear(k * head_dim, dim) holds the experts' output projections, each scaled by its gate
+    weight, and the layer's output bias. x: [B, N, D] -> [B, N, D]; the task ids are ignored.
+    """
+
+    def __init__(self, dim: int, head_dim: int, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0.,
+                 proj_drop: float = 0.):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.q = nn.Linear(dim, num_heads * head_dim, bias=qkv_bias)
+        self.kv = nn.Linear(dim, 2 * head_dim, bias=qkv_bias)
+        self.attn_drop = attn_drop
+        self.proj = nn.Linear(num_heads * head_dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor, task_ids: torch.Tensor | None = None) -> torch.Tensor:
+        B, N, _ = x.shape
+        k, hd = self.num_heads, self.head_dim
+        q = self.q(x).view(B, N, k, hd).transpose(1, 2)  # [B, k, N, hd]
+        key, value = self.kv(x).view(B, 1, N, 2, hd).unbind(3)  # [B, 1, N, hd]
+        # expanded views of the one key/value head rather than enable_gqa, which the ONNX exporter lacks
+        o = F.scaled_dot_product_attention(q, key.expand(-1, k, -1, -1), value.expand(-1, k, -1, -1),
+                                           dropout_p=self.attn_drop if self.training else 0.)
+        return self.proj_drop(self.proj(o.transpose(1, 2).reshape(B, N, k * hd)))
+
+
+def fixed_routing(layer: nn.Module, task: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(expert ids [k], weights [k]) that a `task_level` layer gives every token of task `task` in eval."""
+    router = layer.router
+    if not isinstance(router, TaskLevelRouter):
+        raise ValueError(f"only task_level routers have fixed routing, not {type(router).__name__}")
+    was_training = router.training
+    router.eval()
+    with torch.no_grad():
+        dummy = router.task_logits.new_zeros(1, 1)  # the router does not look at the tokens
+        route = router(dummy, torch.tensor([task], device=dummy.device))
+    router.train(was_training)
+    return route.indices[0], route.weights[0]
+
+
+def fold_moe_mlp(layer: MoEMlp) -> nn.Module:
+    """A dense MLP equal (in eval) to a one-task `task_level` MoE MLP: hidden = k * expert_hidden."""
+    from ..models.vit import DenseMlp
+
+    if layer.num_tasks != 1:
+        raise ValueError("fold the layers of an extracted (one-task) model")
+    idx, w = fixed_routing(layer)
+    k, h, d = len(idx), layer.expert_hidden, layer.dim
+    dense = DenseMlp(d, k * h, act_layer=type(layer.act), drop=layer.drop1.p).to(layer.fc1.weight.device)
+    w = w.to(layer.fc2.weight.dtype)
+    with torch.no_grad():
+        dense.fc1.weight.copy_(layer.fc1.weight[idx].transpose(1, 2).reshape(k * h, d))  # [k, D, h] -> [k*h, D]
+        dense.fc1.bias.copy_(layer.fc1.bias[idx].reshape(k * h))
+        dense.fc2.weight.copy_((layer.fc2.weight[idx] * w[:, None, None]).reshape(k * h, d).t())
+        dense.fc2.bias.copy_((layer.fc2.bias[idx] * w[:, None]).sum(0))
+    return dense
+
+
+def fold_moe_attention(layer: MoEAttention) -> FoldedMoEAttention:
+    """A `FoldedMoEAttention` equal (in eval) to a one-task `task_level` MoE attention layer."""
+    if layer.num_tasks != 1:
+        raise ValueError("fold the layers of an extracted (one-task) model")
+    idx, w = fixed_routing(layer)
+    k, hd, d = len(idx), layer.head_dim, layer.dim
+    folded = FoldedMoEAttention(d, hd, k, qkv_bias=layer.q_bias is not None, attn_drop=layer.attn_drop,
+                                proj_drop=layer.proj_drop.p).to(layer.q_weight.device)
+    w = w.to(layer.o_weight.dtype)
+    with torch.no_grad():
+        folded.q.weight.copy_(layer.q_weight[idx].transpose(1, 2).reshape(k * hd, d))
+        if layer.q_bias is not None:
+            folded.q.bias.copy_(layer.q_bias[idx].reshape(k * hd))
+        folded.kv.load_state_dict(layer.kv.state_dict())
+        folded.proj.weight.copy_((layer.o_weight[idx] * w[:, None, None]).reshape(k * hd, d).t())
+        folded.proj.bias.copy_(layer.o_bias)
+    return folded
+
+
+def fold_moe_layers(model: nn.Module) -> list[str]:
+    """Replace every MoE layer of a one-task model whose router is `task_level` by its dense fold, in place.
+
+    Returns the names of the folded layers. Also used on a freshly built skeleton when loading, where only the
+    resulting shapes matter.
+    """
+    folded = []
+    for name, layer in model.moe_layers():
+        if not isinstance(layer.router, TaskLevelRouter):
+            continue
+        dense = fold_moe_mlp(layer) if isinstance(layer, MoEMlp) else fold_moe_attention(layer)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, dense.train(layer.training))
+        folded.append(name)
+    return folded
+
+
+class ExtractedModel(nn.Module):
+    """A single-task model: `sub(images [B, 3, H, W]) -> Tensor` ([B, C, H, W] dense, [B, classes] otherwise).
+
+    Wraps a one-task `MultiTaskViT` (`self.model`), possibly with folded MoE layers. `info` is the extracted
+    model's config.json (task spec, kept experts, source checkpoint).
+    """
+
+    def __init__(self, model: nn.Module, info: dict | None = None):
+        super().__init__()
+        if len(model.tasks) != 1:
+            raise ValueError(f"an extracted model has one task, got {model.tasks}")
+        self.model = model
+        self.task = model.tasks[0]
+        self.spec = model.task_specs[self.task]
+        self.info = dict(info or {})
+
+    @property
+    def img_size(self) -> int | tuple[int, int]:
+        return self.model.config["img_size"]
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        feats, grid = self.model.forward_features(images, [self.task])
+        return self.model.heads[self.task](feats[0], grid)
+
+    def extra_repr(self) -> str:
+        return f"task={self.task!r}"
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_extracted_config(path: str | os.PathLike) -> dict:
+    """The config.json of an extracted model directory; CheckpointError if missing or not an extracted model."""
+    path = Path(path)
+    cfg_path = path / CONFIG_NAME
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: extracted model directory not found")
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{path}: not an extracted model (no {CONFIG_NAME}); "
+                              f"make one with `modsquad extract`")
+    try:
+        info = json.loads(cfg_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{cfg_path}: unreadable ({e})") from None
+    if not isinstance(info, dict) or info.get("format") != EXTRACTED_FORMAT:
+        raise CheckpointError(f"{cfg_path}: not an extracted modsquad model (format is not {EXTRACTED_FORMAT!r})")
+    for key in ("task", "task_spec", "model_config", "folded", "weights_sha256"):
+        if key not in info:
+            raise CheckpointError(f"{cfg_path}: missing field {key!r}")
+    return info
+
+
+def _ensure_task_registered(spec: dict) -> None:
+    """Register the stored task spec when this installation does not know the task (e.g. a custom task)."""
+    from ..tasks import TASKS, TaskSpec, register_task
+
+    if spec["name"] in TASKS:
+        return
+    fields = {k: spec[k] for k in ("name", "channels", "kind", "loss", "primary", "suite", "description") if k in spec}
+    register_task(TaskSpec(metrics=tuple(spec.get("metrics", ())), **fields))
+
+
+def build_extracted(info: dict) -> ExtractedModel:
+    """The architecture described by an extracted config.json (weights as initialised, not loaded)."""
+    from ..models import build_model_from_config
+
+    _ensure_task_registered(info["task_spec"])
+    model = build_model_from_config(info["model_config"])
+    if model.tasks != [info["task"]]:
+        raise CheckpointError(f"model_config tasks {model.tasks} do not match task {info['task']!r}")
+    if info["folded"]:
+        fold_moe_layers(model)
+    return ExtractedModel(model, info)
+
+
+def load_extracted(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> ExtractedModel:
+    """Load `DIR/<task>` written by `modsquad extract`: an `ExtractedModel` in eval mode, `sub(images) -> Tensor`.
+
+    Checks that config.json is an extracted model's, that model.safetensors has the recorded sha256 (so a
+    truncated or swapped file is caught) and that every weight fits the architecture; CheckpointError otherwise.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    info = read_extracted_config(path)
+    weights = path / WEIGHTS_NAME
+    if not weights.is_file():
+        raise CheckpointError(f"{path}: missing {WEIGHTS_NAME}")
+    if file_sha256(weights) != info["weights_sha256"]:
+        raise CheckpointError(f"{weights}: sha256 does not match {CONFIG_NAME} (corrupt, truncated or replaced)")
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            metadata = f.metadata() or {}
+        state = load_file(str(weights))
+    except Exception as e:  # safetensors raises its own error types for bad headers
+        raise CheckpointError(f"{weights}: not a readable safetensors file ({e})") from None
+    if metadata.get("format") != EXTRACTED_FORMAT or metadata.get("task") != info["task"]:
+        raise CheckpointError(f"{weights}: metadata does not describe task {info['task']!r} of an extracted model")
+    try:
+        sub = build_extracted(info)
+    except CheckpointError:
+        raise
+    except (UserError, KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path / CONFIG_NAME}: model_config cannot be built: {e}") from None
+    expected = {k: tuple(v.shape) for k, v in sub.model.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in state.items()}
+    if expected != found:
+        wrong = sorted(k for k in expected.keys() | found.keys() if expected.get(k) != found.get(k))
+        raise CheckpointError(f"{weights}: weights do not match the architecture in {CONFIG_NAME} "
+                              f"({len(wrong)} tensor(s) missing, unexpected or misshapen, e.g. {wrong[0]!r})")
+    sub.model.load_state_dict(state, strict=True)
+    return sub.to(map_location).eval()

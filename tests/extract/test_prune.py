@@ -1,0 +1,89 @@
+import pytest
+import torch
+
+from modsquad.errors import ConfigError
+from modsquad.extract.export import extract_standalone
+from modsquad.extract.prune import check_selection, count_params, select_experts, select_layer_experts
+from modsquad.extract.usage import count_usage
+from modsquad.moe import MoEAttention, MoEMlp
+
+from .conftest import ROUTER_KINDS
+
+
+def test_default_keeps_every_used_expert():
+    assert select_layer_experts([0, 5, 0, 1, 2, 0], top_k=2) == [1, 3, 4]
+    assert select_layer_experts([0, 5, 0, 1, 2, 0], top_k=2, threshold=0.0) == [1, 3, 4]
+
+
+def test_never_fewer_than_top_k():
+    assert select_layer_experts([0, 7, 0, 0], top_k=2) == [0, 1]  # the unused fill-up goes to the lowest id
+    assert select_layer_experts([0, 0, 0, 0], top_k=3) == [0, 1, 2]
+    assert select_layer_experts([1, 7, 2, 0], top_k=2, threshold=0.5) == [1, 2]
+
+
+def test_threshold_and_mass():
+    counts = [50, 30, 10, 6, 4, 0]  # shares .5 .3 .1 .06 .04 0
+    assert select_layer_experts(counts, 1, threshold=0.1) == [0, 1]  # strictly above
+    assert select_layer_experts(counts, 1, threshold=0.05) == [0, 1, 2, 3]
+    assert select_layer_experts(counts, 1, mass=0.8) == [0, 1]
+    assert select_layer_experts(counts, 1, mass=0.9) == [0, 1, 2]
+    assert select_layer_experts(counts, 1, mass=1.0) == [0, 1, 2, 3, 4]
+    assert select_experts({"a": counts, "b": [0, 1, 0, 0, 0, 0]}, {"a": 1, "b": 2}, mass=0.5) == \
+        {"a": [0], "b": [0, 1]}
+
+
+@pytest.mark.parametrize("kw", [dict(threshold=1.0), dict(threshold=-0.1), dict(mass=0.0), dict(mass=1.5),
+                                dict(threshold=0.1, mass=0.9)])
+def test_selection_range_errors(kw):
+    with pytest.raises(ConfigError):
+        check_selection(**kw)
+
+
+@pytest.mark.parametrize("router,router_kwargs", ROUTER_KINDS)
+def test_extracted_equals_full_when_every_used_expert_is_kept(make_moe, images, router, router_kwargs):
+    model = make_moe(router, router_kwargs)
+    counts, _ = count_usage(model, [images])
+    with torch.no_grad():
+        full = model(images)
+    full_params, kept_total, experts_total = count_params(model), 0, 0
+    for task in model.tasks:
+        sub = extract_standalone(model, task, counts[task])
+        with torch.no_grad():
+            out = sub(images)
+        assert out.shape == full[task].shape
+        torch.testing.assert_close(out, full[task], atol=1e-5, rtol=0)
+        assert count_params(sub) < full_params
+        kept_total += sum(map(len, sub.info["kept"].values()))
+        experts_total += sum(layer.num_experts for _, layer in model.moe_layers())
+        if router == "task_level":  # fixed routing per task: folded into dense layers, no router left
+            assert sub.info["folded"] and not sub.model.moe_layers()
+            assert not any(isinstance(m, (MoEMlp, MoEAttention)) for m in sub.modules())
+    assert kept_total < experts_total  # experts really were dropped, so the equality is not trivial
+
+
+def test_sliced_router_rows_and_task_embedding(make_moe, images):
+    model = make_moe("per_task")
+    counts, _ = count_usage(model, [images])
+    sub = extract_standalone(model, "normal", counts["normal"])
+    t = model.task_index("normal")
+    for name, layer in model.moe_layers():
+        kept = sub.info["kept"][name]
+        small = sub.model.get_submodule(name)
+        assert small.num_experts == len(kept) and small.num_tasks == 1 and small.top_k == layer.top_k
+        torch.testing.assert_close(small.router.weight[0], layer.router.weight[t, kept])
+        if isinstance(layer, MoEMlp):
+            torch.testing.assert_close(small.fc1.weight, layer.fc1.weight[kept])
+        else:
+            torch.testing.assert_close(small.q_weight, layer.q_weight[kept])
+    torch.testing.assert_close(sub.model.task_embed[0], model.task_embed[t])
+    assert list(sub.model.heads) == ["normal"]
+
+
+def test_threshold_extraction_is_smaller(make_moe, images):
+    model = make_moe("per_task")
+    counts, _ = count_usage(model, [images])
+    exact = extract_standalone(model, "depth_euclidean", counts["depth_euclidean"])
+    pruned = extract_standalone(model, "depth_euclidean", counts["depth_euclidean"], threshold=0.2)
+    assert count_params(pruned) < count_params(exact)
+    for name, layer in model.moe_layers():
+        assert len(pruned.info["kept"][name]) >= layer.top_k
