@@ -1,0 +1,319 @@
+"""Evaluation: per-task metrics of a model on a split, metrics.json, and delta_m against baselines.
+
+    result = modsquad.engine.evaluate("runs/tiny", split="val", baseline="runs/tiny_dense")
+    result["metrics"]["depth_euclidean"]["l1"], result["delta_m"]["mean"]
+
+`evaluate_model` is the loop the trainer also uses: one forward for all tasks per batch, metrics streamed into
+`MultiTaskMetrics` and summed over DDP ranks (each rank scores a contiguous, unpadded shard, so no image is
+counted twice).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from ..errors import CheckpointError, DataError, UserError
+from .checkpoint import atomic_write, load_model, read_metadata, resolve_checkpoint
+from .distributed import DistContext, resolve_device, shard_range
+
+METRICS_FILE = "metrics.json"
+
+
+# --- data ----------------------------------------------------------------------------------------------
+
+def synthetic_root(cfg: DictConfig) -> Path:
+    """Where a synthetic suite lives: data.root, or data/synthetic/<images>x<size>_seed<seed> when unset."""
+    if cfg.data.root:
+        return Path(cfg.data.root)
+    s = cfg.data.synth
+    return Path("data") / "synthetic" / f"{s.images}x{s.size}_seed{s.seed}"
+
+
+def prepare_data_root(cfg: DictConfig, ctx: DistContext | None = None) -> Path:
+    """The dataset root of `cfg`; a synthetic suite that does not exist yet is rendered first.
+
+    Rendering is deterministic (data.synth settings) and goes to a temporary folder that is renamed into
+    place, so an interrupted or concurrent render never leaves half a dataset. In DDP, rank 0 renders and the
+    others wait.
+    """
+    if cfg.data.format != "synthetic":
+        if not cfg.data.root:
+            raise DataError(f"data.root is not set (data.format {cfg.data.format!r} needs the dataset folder)")
+        return Path(cfg.data.root)
+    root = synthetic_root(cfg)
+    is_main = ctx is None or ctx.is_main
+    if is_main and not (root.is_dir() and any(root.iterdir())):
+        from ..data import synthesize
+
+        root.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
+        try:
+            s = cfg.data.synth
+            synthesize(tmp, images=s.images, size=s.size, seed=s.seed)
+            if root.is_dir():  # an empty folder the user made
+                root.rmdir()
+            os.replace(tmp, root)
+        except OSError:
+            if not (root.is_dir() and any(root.iterdir())):  # lost no race: a real failure
+                raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    if ctx is not None and ctx.distributed:
+        torch.distributed.barrier()
+    return root
+
+
+def build_split(cfg: DictConfig, split: str, train: bool, max_images: int | None = None,
+                root: Path | None = None) -> Dataset:
+    """The dataset of one split for `cfg`'s tasks (train=True: with augmentation).
+
+    data.resize (shorter side before the random crop) and data.hflip change the loader's default training
+    augmentation; evaluation always resizes to model.img_size.
+    """
+    from ..data import JointTransform, build_dataset
+    from ..tasks import get_task
+
+    root = root if root is not None else prepare_data_root(cfg)
+    kw = {}
+    if train and (cfg.data.resize or not cfg.data.hflip):
+        pascal = cfg.data.format == "pascal_context"
+        aug = {"hflip": 0.5 if cfg.data.hflip else 0.0}
+        if cfg.data.resize and not pascal:
+            aug["resize_ratio"] = cfg.data.resize / cfg.model.img_size
+        kinds = {t: get_task(t).kind for t in cfg.model.tasks if get_task(t).is_dense}
+        kw["transform"] = JointTransform(cfg.model.img_size, True, kinds,
+                                         crop="random_resized_crop" if pascal else "resize_crop", **aug)
+    return build_dataset(cfg.data.format, str(root), list(cfg.model.tasks), split=split, img_size=cfg.model.img_size,
+                         train=train, max_images=max_images, on_error=cfg.data.on_error,
+                         split_set=cfg.data.split_set, **kw)
+
+
+def metric_kwargs(cfg: DictConfig | None, tasks: Sequence[str]) -> dict[str, dict]:
+    """Per-task metric options from the config (edge tolerance)."""
+    from ..tasks import get_task
+
+    tol = cfg.eval.edge_tolerance_px if cfg is not None else None
+    return {t: {"tolerance_px": tol} for t in tasks if tol is not None and get_task(t).kind == "edge"}
+
+
+# --- the loop -------------------------------------------------------------------------------------------
+
+def batch_to_device(batch: Mapping, device: torch.device) -> tuple[torch.Tensor, dict, dict]:
+    """A loader batch -> (images [B, 3, H, W], targets {task: t}, masks {task: m}) on `device`."""
+    non_blocking = device.type == "cuda"
+    images = batch["image"].to(device, non_blocking=non_blocking)
+    targets = {t: v.to(device, non_blocking=non_blocking) for t, v in batch["targets"].items()}
+    masks = {t: v.to(device, non_blocking=non_blocking) for t, v in batch.get("masks", {}).items()}
+    return images, targets, masks
+
+
+@torch.no_grad()
+def evaluate_model(model: nn.Module, dataset: Dataset, *, batch_size: int = 8, workers: int = 0,
+                   device: torch.device | str | None = None, amp: str = "none", ctx: DistContext | None = None,
+                   metric_kwargs: Mapping[str, Mapping] | None = None, visualize: int = 0,
+                   vis_dir: str | Path | None = None) -> dict[str, dict[str, float]]:
+    """Per-task metrics {task: {metric: value}} of `model` over `dataset` (summed over ranks under DDP).
+
+    The model runs in eval mode (its previous mode is restored) with one forward for all its tasks per batch.
+    With `visualize` > 0, the first that many samples are drawn as input | prediction | target grids into
+    `vis_dir/<id>.png` (main process only).
+    """
+    from ..tasks.metrics import MultiTaskMetrics
+    from ..tasks.visualize import make_grid, save_prediction_png
+
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    tasks = list(model.tasks)
+    if ctx is not None and ctx.distributed:
+        dataset = Subset(dataset, shard_range(len(dataset), ctx.rank, ctx.world_size))
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+                        pin_memory=device.type == "cuda", generator=torch.Generator())
+    metrics = MultiTaskMetrics(tasks, metric_kwargs)
+    drawn, draw = 0, visualize > 0 and vis_dir is not None and (ctx is None or ctx.is_main)
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in loader:
+            images, targets, masks = batch_to_device(batch, device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
+                preds = model(images)
+            preds = {t: p.float() for t, p in preds.items()}
+            metrics.update(preds, {"targets": targets, "masks": masks})
+            if draw and drawn < visualize:
+                for i in range(min(visualize - drawn, images.shape[0])):
+                    grid = make_grid(images[i], {t: p[i] for t, p in preds.items()},
+                                     {t: v[i] for t, v in targets.items()}, {t: v[i] for t, v in masks.items()})
+                    save_prediction_png(Path(vis_dir) / f"{_sample_name(batch, i, drawn)}.png", grid)
+                    drawn += 1
+    finally:
+        model.train(was_training)
+    metrics.sync()
+    return metrics.compute()
+
+
+def _sample_name(batch: Mapping, i: int, n: int) -> str:
+    ids = batch.get("id")
+    name = str(ids[i]) if ids is not None and i < len(ids) else f"sample_{n:04d}"
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+# --- metrics files and baselines -----------------------------------------------------------------------
+
+def metrics_file(split: str) -> str:
+    """`metrics.json` for the val split, `metrics_<split>.json` for others (so a test eval keeps val's)."""
+    return METRICS_FILE if split == "val" else f"metrics_{split}.json"
+
+
+def _json_safe(value):
+    """NaN/inf -> None (JSON has no NaN), recursively."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def write_metrics(path: str | Path, result: Mapping) -> Path:
+    """Write an evaluation result as indented JSON, atomically."""
+    text = json.dumps(_json_safe(result), indent=2) + "\n"
+    return atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def read_metrics(path: str | Path, split: str = "val") -> dict[str, dict[str, float]]:
+    """Per-task metrics {task: {metric: value}} from a run directory (its metrics file of `split`) or a JSON
+    file: a `modsquad eval` result, or a plain {task: {metric: value}} mapping."""
+    path = Path(path)
+    file = path / metrics_file(split) if path.is_dir() else path
+    if not file.is_file():
+        hint = f"; run `modsquad eval {path} --split {split}` first" if path.is_dir() else ""
+        raise UserError(f"baseline {file} not found{hint}")
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"baseline {file}: not a readable JSON file ({e})") from None
+    metrics = data.get("metrics", data) if isinstance(data, dict) else None
+    if not isinstance(metrics, dict):
+        raise UserError(f"baseline {file}: expected {{task: {{metric: value}}}} or a `modsquad eval` metrics.json")
+    return metrics
+
+
+def load_baseline(baseline: str | Path | Sequence[str | Path] | None = None,
+                  task_baselines: Mapping[str, str | Path] | None = None,
+                  split: str = "val") -> dict[str, dict[str, float]] | None:
+    """One baseline mapping for `delta_m`: the union of multi-task baselines (later ones win per task) and
+    single-task baselines (task -> run dir or metrics JSON, only that task taken from each)."""
+    paths = [baseline] if isinstance(baseline, (str, Path)) else list(baseline or [])
+    if not paths and not task_baselines:
+        return None
+    merged: dict[str, dict[str, float]] = {}
+    for p in paths:
+        merged.update(read_metrics(p, split))
+    for task, p in (task_baselines or {}).items():
+        metrics = read_metrics(p, split)
+        if task not in metrics:
+            raise UserError(f"single-task baseline {p} has no results for task {task!r}")
+        merged[task] = metrics[task]
+    return merged
+
+
+# --- evaluate a checkpoint ------------------------------------------------------------------------------
+
+def run_config(checkpoint: str | Path) -> DictConfig:
+    """The config.yaml saved beside a checkpoint by `modsquad train`."""
+    from ..config import load_config
+
+    path = resolve_checkpoint(checkpoint).parent / "config.yaml"
+    if not path.is_file():
+        raise CheckpointError(f"{path} not found: eval reads the run's data settings from the config.yaml that "
+                              f"`modsquad train` saves beside its checkpoints")
+    return load_config(path)
+
+
+def evaluate(checkpoint: str | Path, split: str | None = None,
+             baseline: str | Path | Sequence[str | Path] | None = None, *, data_root: str | Path | None = None,
+             out: str | Path | None = None, task_baselines: Mapping[str, str | Path] | None = None,
+             batch_size: int | None = None, max_images: int | None = None, device: str = "auto",
+             workers: int | None = None, visualize: int = 0) -> dict:
+    """Evaluate a checkpoint (file or run directory: best, else last) on a split and write its metrics file.
+
+    Data settings come from the run's config.yaml (`data_root` replaces data.root). With `baseline` (run
+    dirs or metrics JSON files; defaults to the config's eval.baseline / eval.task_baselines) the result
+    also holds delta_m. Writes `metrics.json` (or `metrics_<split>.json`) to `out` (default: the run
+    directory) and returns the result dict: {"checkpoint", "step", "split", "num_images", "metrics",
+    "primary", ["delta_m", "baseline"], "file"}.
+    """
+    from ..tasks import get_task
+    from ..tasks.metrics import delta_m
+
+    ckpt = resolve_checkpoint(checkpoint)
+    cfg = run_config(ckpt)
+    if data_root is not None:
+        cfg.data.root = str(data_root)
+    split = split or cfg.eval.split
+    dev = resolve_device(device)
+    model = load_model(ckpt, map_location=dev)
+    tasks = list(model.tasks)
+    try:
+        dataset = build_split(cfg, split, train=False, max_images=max_images or cfg.eval.max_images)
+    except FileNotFoundError as e:
+        raise DataError(f"{cfg.data.root}: {e}") from None
+    if len(dataset) == 0:
+        raise DataError(f"split {split!r} of {cfg.data.root or synthetic_root(cfg)} has no images")
+    out_dir = Path(out) if out is not None else ckpt.parent
+    metrics = evaluate_model(model, dataset, batch_size=batch_size or cfg.eval.batch_size or cfg.data.batch_size,
+                             workers=cfg.data.workers if workers is None else workers, device=dev,
+                             amp=cfg.train.amp if dev.type == "cuda" else "none",
+                             metric_kwargs=metric_kwargs(cfg, tasks), visualize=visualize,
+                             vis_dir=out_dir / "predictions")
+    step = read_metadata(ckpt).get("step")
+    result = {"checkpoint": str(ckpt), "step": int(step) if step is not None else None, "split": split,
+              "num_images": len(dataset), "metrics": metrics, "primary": {t: get_task(t).primary for t in tasks}}
+    if baseline is None and not task_baselines:
+        baseline, task_baselines = cfg.eval.baseline, dict(cfg.eval.task_baselines)
+    base = load_baseline(baseline, task_baselines, split)
+    if base is not None:
+        result["delta_m"] = delta_m(metrics, base, tasks)
+        result["baseline"] = [str(b) for b in ([baseline] if isinstance(baseline, (str, Path)) else baseline or [])]
+        result["baseline"] += [f"{t}={p}" for t, p in (task_baselines or {}).items()]
+    result["file"] = str(write_metrics(out_dir / metrics_file(split), result))
+    return result
+
+
+def metrics_table(result: Mapping):
+    """A rich Table of an evaluation result: one row per task, primary metric first, delta vs baseline."""
+    from rich.table import Table
+
+    deltas = result.get("delta_m") or {}
+    table = Table(title=f"{result.get('split', '')} metrics (step {result.get('step')})")
+    table.add_column("task")
+    table.add_column("primary")
+    table.add_column("value", justify="right")
+    if deltas:
+        table.add_column("delta %", justify="right")
+    table.add_column("other metrics")
+
+    def fmt(v) -> str:
+        return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.4g}"
+
+    for task, values in result["metrics"].items():
+        primary = result.get("primary", {}).get(task) or next(iter(values))
+        row = [task, primary, fmt(values.get(primary))]
+        if deltas:
+            row.append(f"{deltas[task]:+.2f}" if task in deltas else "")
+        row.append(", ".join(f"{k} {fmt(v)}" for k, v in values.items() if k != primary))
+        table.add_row(*row)
+    if deltas:
+        table.caption = f"delta_m (mean over tasks): {deltas['mean']:+.2f}% vs {', '.join(result.get('baseline', []))}"
+    return table

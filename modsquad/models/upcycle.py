@@ -1,0 +1,185 @@
+"""Sparse upcycling: initialise a `MultiTaskViT` from a dense timm ViT checkpoint file (never downloaded).
+
+The checkpoint is read and adapted by timm itself (`timm.models.load_state_dict` + the ViT
+`checkpoint_filter_fn`, which also resamples the position embedding to the new patch grid and the patch
+embedding to a new patch size) into a dense timm `VisionTransformer` of the checkpoint's shape. Its weights
+are then copied into the multi-task model:
+
+- patch embedding, position embedding (patch tokens only; MultiTaskViT has no class token), block norms,
+  final norm, dense attention and dense MLP layers: copied as they are;
+- MoE MLP: expert e takes the hidden units `[e*h, (e+1)*h)` (mod the dense hidden size H) of the dense
+  fc1/fc2, fc2 scaled by H / h. With the default expert hidden H / top_k and zero-initialised routers (all
+  tokens pick experts 0..k-1 with weight 1/k), the upcycled MoE MLP computes exactly the dense MLP;
+- MoE attention: expert e takes the query rows and output-projection columns of the dense units
+  `[e*hd, (e+1)*hd)` (mod dim), i.e. a group of dense heads, output scaled by dim / hd; the shared
+  key/value projection takes the keys/values of the first group. MoA shares K/V between its experts and
+  dense attention does not, so only experts that own the first head group start as their dense heads.
+
+Task heads, task embeddings and routers keep their own initialisation.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import torch
+from timm.models import load_state_dict
+from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+from torch import nn
+
+from ..errors import CheckpointError
+from ..moe import MoEAttention, MoEMlp
+
+
+def _num_prefix_tokens(state: dict[str, torch.Tensor]) -> int:
+    """Class/register tokens that carry a position embedding in the checkpoint (0 for no_embed_class)."""
+    prefix = int("cls_token" in state) + (state["reg_token"].shape[1] if "reg_token" in state else 0)
+    n = state["pos_embed"].shape[1] - prefix
+    return prefix if n >= 0 and math.isqrt(n) ** 2 == n else 0
+
+
+def dense_vit_from_checkpoint(path: str | Path, img_size: int | tuple[int, int], patch_size: int,
+                              num_heads: int) -> VisionTransformer:
+    """A timm `VisionTransformer` shaped like the checkpoint at `path`, loaded through timm's filter.
+
+    The grid (`img_size`, `patch_size`) is the target model's: timm resamples position and patch embeddings
+    to it. `num_heads` cannot be read from weights and comes from the target model.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"train.init_from: {path} not found (give a local timm ViT checkpoint file; "
+                              f"modsquad never downloads weights)")
+    try:
+        state = load_state_dict(str(path))
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot read checkpoint ({e})") from None
+    if "patch_embed.proj.weight" not in state or "blocks.0.mlp.fc1.weight" not in state:
+        raise CheckpointError(f"{path}: not a timm ViT checkpoint (no patch_embed.proj / blocks.0.mlp.fc1 weights)")
+    unsupported = [k for k in ("norm_pre.weight", "blocks.0.attn.q_norm.weight") if k in state]
+    if unsupported:
+        raise CheckpointError(f"{path}: {', '.join(unsupported)} have no counterpart in MultiTaskViT (ViTs with a "
+                              f"pre-norm or q/k-norm cannot be upcycled)")
+    embed_dim = state["patch_embed.proj.weight"].shape[0]
+    if embed_dim % num_heads:
+        raise CheckpointError(f"{path}: embed_dim {embed_dim} is not divisible by the model's {num_heads} heads")
+    depth = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k)))
+    prefix = _num_prefix_tokens(state) if "pos_embed" in state else 0
+    dense = VisionTransformer(
+        img_size=img_size, patch_size=patch_size, in_chans=state["patch_embed.proj.weight"].shape[1],
+        num_classes=0, global_pool="token" if "cls_token" in state else "avg", embed_dim=embed_dim, depth=depth,
+        num_heads=num_heads, mlp_ratio=state["blocks.0.mlp.fc1.weight"].shape[0] / embed_dim,
+        qkv_bias="blocks.0.attn.qkv.bias" in state, class_token="cls_token" in state,
+        reg_tokens=state["reg_token"].shape[1] if "reg_token" in state else 0,
+        no_embed_class=prefix == 0 and ("cls_token" in state or "reg_token" in state), pos_embed="learn" if "pos_embed" in state else "none",
+        init_values=1.0 if "blocks.0.ls1.gamma" in state else None,
+        final_norm="norm.weight" in state or "fc_norm.weight" in state, fc_norm="fc_norm.weight" in state)
+    state = {k: v for k, v in checkpoint_filter_fn(state, dense).items() if not k.startswith("head.")}
+    missing, unexpected = dense.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: checkpoint does not fit a timm ViT of its own shape "
+                              f"(missing {missing[:4]}, unexpected {unexpected[:4]})")
+    return dense
+
+
+def _copy(dst: torch.Tensor, src: torch.Tensor, what: str) -> None:
+    if dst.shape != src.shape:
+        raise CheckpointError(f"init_from: {what} has shape {tuple(src.shape)} in the checkpoint, "
+                              f"{tuple(dst.shape)} in the model")
+    dst.copy_(src)
+
+
+def _wrapped(start: int, size: int, total: int) -> torch.Tensor:
+    """Indices [start, start + size) modulo total."""
+    return (start + torch.arange(size)) % total
+
+
+@torch.no_grad()
+def upcycle_mlp(moe: MoEMlp, fc1: nn.Linear, fc2: nn.Linear) -> None:
+    """Expert e <- hidden units [e*h, (e+1)*h) mod H of a dense MLP; fc2 scaled by H / h (see module doc)."""
+    hidden, h = fc1.out_features, moe.expert_hidden
+    for e in range(moe.num_experts):
+        idx = _wrapped(e * h, h, hidden)
+        moe.fc1.weight[e].copy_(fc1.weight[idx].t())
+        moe.fc2.weight[e].copy_(fc2.weight[:, idx].t() * (hidden / h))
+        if moe.fc1.bias is not None and fc1.bias is not None:
+            moe.fc1.bias[e].copy_(fc1.bias[idx])
+        if moe.fc2.bias is not None and fc2.bias is not None:
+            moe.fc2.bias[e].copy_(fc2.bias)
+
+
+@torch.no_grad()
+def upcycle_attention(moe: MoEAttention, qkv: nn.Linear, proj: nn.Linear) -> None:
+    """Expert e <- dense query units / output columns [e*hd, (e+1)*hd) mod dim; K/V of the first group."""
+    dim, hd = moe.dim, moe.head_dim
+    q_w, k_w, v_w = qkv.weight.chunk(3, dim=0)  # [dim, dim] each, rows = output units (head-major)
+    q_b, k_b, v_b = qkv.bias.chunk(3) if qkv.bias is not None else (None, None, None)
+    for e in range(moe.num_experts):
+        idx = _wrapped(e * hd, hd, dim)
+        moe.q_weight[e].copy_(q_w[idx].t())
+        moe.o_weight[e].copy_(proj.weight[:, idx].t() * (dim / hd))
+        if moe.q_bias is not None and q_b is not None:
+            moe.q_bias[e].copy_(q_b[idx])
+    first = _wrapped(0, hd, dim)
+    moe.kv.weight.copy_(torch.cat([k_w[first], v_w[first]]))
+    if moe.kv.bias is not None and k_b is not None:
+        moe.kv.bias.copy_(torch.cat([k_b[first], v_b[first]]))
+    if proj.bias is not None:
+        moe.o_bias.copy_(proj.bias)
+
+
+@torch.no_grad()
+def _fold_layer_scale(dense: VisionTransformer) -> None:
+    """Multiply LayerScale gammas into attn.proj / mlp.fc2 (MultiTaskViT blocks have no LayerScale)."""
+    for blk in dense.blocks:
+        for ls, linear in ((blk.ls1, blk.attn.proj), (blk.ls2, blk.mlp.fc2)):
+            gamma = getattr(ls, "gamma", None)
+            if gamma is not None:
+                linear.weight.mul_(gamma[:, None])
+                if linear.bias is not None:
+                    linear.bias.mul_(gamma)
+                ls.gamma.fill_(1.0)
+
+
+@torch.no_grad()
+def upcycle_from_timm(model: nn.Module, path: str | Path) -> dict[str, int]:
+    """Initialise `model` (a MultiTaskViT) in place from the dense timm ViT checkpoint file at `path`.
+
+    Returns counts of what was initialised: {"dense_layers", "moe_mlp", "moe_attn"}. Raises CheckpointError
+    when the checkpoint is not a timm ViT or its width / depth differ from the model's.
+    """
+    cfg = model.config
+    dense = dense_vit_from_checkpoint(path, cfg["img_size"], cfg["patch_size"], cfg["num_heads"])
+    if dense.embed_dim != cfg["embed_dim"] or len(dense.blocks) != len(model.blocks):
+        raise CheckpointError(f"{path}: checkpoint is a ViT of width {dense.embed_dim} and depth {len(dense.blocks)}; "
+                              f"the model has width {cfg['embed_dim']} and depth {len(model.blocks)}")
+    _fold_layer_scale(dense)
+    _copy(model.patch_embed.proj.weight, dense.patch_embed.proj.weight, "patch_embed.proj.weight")
+    if model.patch_embed.proj.bias is not None and dense.patch_embed.proj.bias is not None:
+        _copy(model.patch_embed.proj.bias, dense.patch_embed.proj.bias, "patch_embed.proj.bias")
+    if dense.pos_embed is not None:
+        prefix = 0 if dense.no_embed_class else dense.num_prefix_tokens
+        _copy(model.pos_embed, dense.pos_embed[:, prefix:], "pos_embed")
+    counts = {"dense_layers": 0, "moe_mlp": 0, "moe_attn": 0}
+    for i, (blk, src) in enumerate(zip(model.blocks, dense.blocks, strict=True)):
+        blk.norm1.load_state_dict(src.norm1.state_dict())
+        blk.norm2.load_state_dict(src.norm2.state_dict())
+        for name, mine, theirs in (("attn", blk.attn, src.attn), ("mlp", blk.mlp, src.mlp)):
+            if isinstance(mine, MoEMlp):
+                upcycle_mlp(mine, theirs.fc1, theirs.fc2)
+                counts["moe_mlp"] += 1
+            elif isinstance(mine, MoEAttention):
+                upcycle_attention(mine, theirs.qkv, theirs.proj)
+                counts["moe_attn"] += 1
+            else:
+                try:
+                    mine.load_state_dict(theirs.state_dict())
+                except RuntimeError as e:
+                    raise CheckpointError(f"{path}: blocks.{i}.{name} does not fit the model: "
+                                          f"{str(e).splitlines()[-1].strip()}") from None
+                counts["dense_layers"] += 1
+    final = dense.norm if isinstance(dense.norm, nn.LayerNorm) else dense.fc_norm
+    if isinstance(final, nn.LayerNorm):
+        model.norm.load_state_dict(final.state_dict())
+    return counts

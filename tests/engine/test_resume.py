@@ -1,0 +1,110 @@
+"""Resuming is bit-exact on CPU: N steps in one go == K steps, stop (or Ctrl-C), resume, N - K steps.
+
+The setup exercises everything that carries state across the cut: training augmentation (random crop, flip,
+colour jitter), drop path and noisy gating (torch RNG), DWA loss weighting (epoch loss history; 4 steps per
+epoch, so the run crosses two epoch ends), AdamW moments, the lr schedule, an evaluation in between.
+"""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from modsquad.engine.trainer import Trainer, train
+
+N = 9
+
+
+@pytest.fixture(scope="module")
+def resume_cfg(make_cfg):
+    def make():
+        return make_cfg(model={"overrides": {**make_cfg().model.overrides, "router_kwargs": {"noisy": True}}},
+                        train={"steps": N, "eval_every": 5, "weighting": "dwa", "drop_path": 0.1, "log_every": 1})
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(resume_cfg, tmp_path_factory):
+    out = tmp_path_factory.mktemp("resume") / "full"
+    train(resume_cfg(), out, progress=False)
+    return out
+
+
+def _assert_same_run(a, b):
+    wa, wb = load_file(a / "last.safetensors"), load_file(b / "last.safetensors")
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        assert torch.equal(wa[name], wb[name]), name
+    sa, sb = (torch.load(p / "state.pt", weights_only=True) for p in (a, b))
+    assert sa["step"] == sb["step"] == N and sa["epoch"] == sb["epoch"]
+    for key in ("exp_avg", "exp_avg_sq"):
+        for i, s in sa["optimizer"]["state"].items():
+            assert torch.equal(s[key], sb["optimizer"]["state"][i][key]), (key, i)
+    for name, t in sa["weighting"].items():
+        assert torch.equal(t, sb["weighting"][name]), name
+    assert sa["scheduler"]["_last_lr"] == sb["scheduler"]["_last_lr"]
+
+
+def _log_steps(run):
+    return [(r["kind"], r["step"]) for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
+
+
+def test_stop_and_resume_is_bit_exact(resume_cfg, uninterrupted, tmp_path):
+    out = tmp_path / "cut"
+    first = train(resume_cfg(), out, stop_after=3, progress=False)
+    assert first.step == 3 and not first.interrupted
+    second = train(None, out, resume=True, progress=False)  # the run's own config.yaml
+    assert second.step == N
+    _assert_same_run(uninterrupted, out)
+    assert _log_steps(out) == _log_steps(uninterrupted)
+
+
+@pytest.mark.parametrize("where", ["after_step", "mid_step"])
+def test_ctrl_c_saves_and_resume_is_bit_exact(resume_cfg, uninterrupted, tmp_path, monkeypatch, where):
+    """Ctrl-C right after step 6, or inside step 7 after its forward (whose usage counts must be undone)."""
+    name = "_optimizer_step" if where == "after_step" else "_loss_terms"
+    real = getattr(Trainer, name)
+    calls = []
+
+    def interrupting(self, *args):
+        out = real(self, *args)
+        calls.append(1)
+        if len(calls) == (6 if where == "after_step" else 7):
+            raise KeyboardInterrupt
+        return out
+
+    monkeypatch.setattr(Trainer, name, interrupting)
+    out = tmp_path / "ctrl_c"
+    result = train(resume_cfg(), out, progress=False)
+    assert result.interrupted and result.step == 6
+    assert torch.load(out / "state.pt", weights_only=True)["step"] == 6
+    monkeypatch.setattr(Trainer, name, real)
+    train(resume_cfg(), out, resume=True, progress=False)
+    _assert_same_run(uninterrupted, out)
+
+
+def test_resume_with_loader_workers_is_bit_exact(make_cfg, tmp_path):
+    """Worker processes see other first samples after a resume; augmentation must not depend on that."""
+    def cfg():
+        return make_cfg(data={"workers": 2}, train={"steps": 5, "eval_every": 100})
+
+    train(cfg(), tmp_path / "full", progress=False)
+    train(cfg(), tmp_path / "cut", stop_after=3, progress=False)
+    train(cfg(), tmp_path / "cut", resume=True, progress=False)
+    a, b = load_file(tmp_path / "full" / "last.safetensors"), load_file(tmp_path / "cut" / "last.safetensors")
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_resume_with_another_model_is_refused(resume_cfg, uninterrupted, make_cfg, tmp_path):
+    import shutil
+
+    from modsquad.errors import CheckpointError
+
+    out = tmp_path / "other"
+    shutil.copytree(uninterrupted, out)
+    other = make_cfg(model={"overrides": {**make_cfg().model.overrides, "mlp_experts": 8}})
+    with pytest.raises(CheckpointError, match="mlp_experts"):
+        train(other, out, resume=True, progress=False)
