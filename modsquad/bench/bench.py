@@ -1,0 +1,554 @@
+"""Pruned vs full: parameters, FLOPs, latency, throughput, peak memory and task metrics, side by side.
+
+The full multi-task model is measured as users would run it for one task (`model(x, tasks=[task])`) and each
+extracted model as `sub(x)`. Every figure of a task's pair comes from the same process and the same inputs,
+and timed runs are interleaved (full, pruned, full, pruned, ... with the order rotated each round) so that a
+noisy machine slows both alike and the ratios stay fair.
+
+Definitions (also written into bench.json under "definitions" and into bench.md):
+    params       full per task: all parameters minus those that belong to the other tasks (their heads, their
+                 rows of task embeddings, per-task router gates and task logits); see `task_param_count`.
+    flops        forward FLOPs for one image (torch.utils.flop_counter; a multiply-add counts 2), including
+                 attention on CPU and grouped expert matmuls, which the stock counter misses.
+    latency_ms   median wall time of one forward at batch 1 after warm-up, under torch.inference_mode.
+    throughput   images per second at the larger batch (batch / median time of one forward).
+    peak_mem_mb  weights + input + the peak of the tensors torch holds during one forward at the larger batch:
+                 torch.cuda.max_memory_allocated on CUDA; on CPU the same quantity counted by a dispatch mode
+                 that tracks every tensor storage an op creates until it is freed.
+"""
+
+from __future__ import annotations
+
+import functools
+import gc
+import math
+import statistics
+import time
+import weakref
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import FlopCounterMode
+
+from ..errors import CheckpointError, ConfigError, DataError, UnknownNameError
+
+FIELDS = ("params", "flops", "latency_ms", "throughput", "peak_mem_mb")
+
+DEFINITIONS = {
+    "params": "full per task = all parameters except those of the other tasks (heads, task-embedding rows, "
+              "per-task router gates/logits); pruned = every parameter of the extracted model",
+    "flops": "forward FLOPs per image at batch 1 (torch.utils.flop_counter, multiply-add = 2 FLOPs, with "
+             "CPU attention and grouped expert matmuls added)",
+    "latency_ms": "median of the timed forwards at the latency batch after warm-up, full and pruned "
+                  "interleaved, torch.inference_mode, fixed thread count",
+    "throughput": "images/s at the throughput batch (batch / median forward time)",
+    "peak_mem_mb": "weights + input + peak bytes of tensors alive during one forward at the throughput batch "
+                   "(CUDA: torch.cuda.max_memory_allocated; CPU: tensor storages tracked by a dispatch mode)",
+    "max_abs_diff": "max |pruned(x) - full(x, tasks=[task])[task]| over the evaluated val images",
+}
+
+
+# --- parameters --------------------------------------------------------------------------------------------
+
+def count_params(module: nn.Module) -> int:
+    """Number of parameter elements (shared tensors counted once)."""
+    return sum(p.numel() for p in {id(p): p for p in module.parameters()}.values())
+
+
+def _per_task_rows(name: str, param: torch.Tensor, module: nn.Module, num_tasks: int) -> bool:
+    """True for parameters stacked per task along dim 0 (task embeddings, per-task gates, task logits)."""
+    if param.dim() == 0 or param.shape[0] != num_tasks:
+        return False
+    leaf = name.rsplit(".", 1)[-1]
+    if getattr(module, "num_tasks", None) == num_tasks and leaf in ("weight", "noise_weight", "task_logits",
+                                                                    "task_embed"):
+        return not isinstance(module, (nn.Linear, nn.LayerNorm))
+    owner = name.rsplit(".", 1)[0] if "." in name else ""
+    return "task" in leaf or (isinstance(module, nn.Embedding) and "task" in owner)
+
+
+def task_param_count(model: nn.Module, task: str, tasks: Sequence[str] | None = None) -> int:
+    """Parameters the full model spends on one task: the shared parts plus that task's own parts.
+
+    A parameter belongs to another task when a component of its name is that task's name (heads and other
+    per-task `ModuleDict`s); parameters stacked per task along dim 0 (task embeddings, per-task router gates,
+    task logits) count one row. Everything else (patch embedding, blocks, all experts) is shared.
+    """
+    tasks = list(tasks if tasks is not None else model.tasks)
+    others = set(tasks) - {task}
+    modules = dict(model.named_modules())
+    total = 0
+    for name, param in model.named_parameters():
+        parts = name.split(".")
+        if others & set(parts):
+            continue
+        owner = modules.get(".".join(parts[:-1]), model)
+        if _per_task_rows(name, param, owner, len(tasks)):
+            total += param.numel() // len(tasks)
+        else:
+            total += param.numel()
+    return total
+
+
+def module_bytes(module: nn.Module) -> int:
+    """Bytes of parameters and buffers (what the weights occupy in memory)."""
+    tensors = {id(t): t for t in [*module.parameters(), *module.buffers()]}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+# --- FLOPs -------------------------------------------------------------------------------------------------
+
+def _sdpa_cpu_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    """CPU flash attention: q @ k^T and attn @ v, [B, H, Nq, d] x [B, H, Nk, d]."""
+    b, h, nq, d = query_shape
+    nk, dv = key_shape[-2], value_shape[-1]
+    return 2 * b * h * nq * nk * (d + dv)
+
+
+def _grouped_mm_flop(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    """Grouped GEMM: every output element is a dot product over the reduced dim of `a`."""
+    if len(a_shape) == 2 and len(b_shape) == 2:  # groups split the reduced dim: out [G, M, N]
+        return 2 * math.prod(out_shape[1:]) * a_shape[-1]
+    return 2 * math.prod(out_shape) * a_shape[-1]
+
+
+def _extra_flop_formulas() -> dict:
+    aten = torch.ops.aten
+    formulas = {}
+    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
+        formulas[aten._scaled_dot_product_flash_attention_for_cpu] = _sdpa_cpu_flop
+    if hasattr(aten, "_grouped_mm"):
+        formulas[aten._grouped_mm] = _grouped_mm_flop
+    return formulas
+
+
+@torch.inference_mode()
+def count_flops(fn: Callable[[torch.Tensor], Any], x: torch.Tensor) -> int:
+    """Forward FLOPs of `fn(x)` (multiply-add = 2) for the whole batch `x`."""
+    with FlopCounterMode(display=False, custom_mapping=_extra_flop_formulas()) as counter:
+        fn(x)
+    return int(counter.get_total_flops())
+
+
+# --- memory ------------------------------------------------------------------------------------------------
+
+class LiveTensorTracker(TorchDispatchMode):
+    """Counts the bytes of tensor storages created inside the mode while they are alive; keeps the peak.
+
+    Views and in-place results share their input's storage and add nothing. Scratch memory that a single
+    kernel allocates and frees internally is not seen (on CUDA the allocator statistics see it).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.current = 0
+        self.peak = 0
+        self._bytes: dict[int, int] = {}
+        self._refs: dict[int, int] = {}
+
+    def _release(self, key: int) -> None:
+        self._refs[key] -= 1
+        if self._refs[key] == 0:
+            self.current -= self._bytes.pop(key)
+            del self._refs[key]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+                continue
+            storage = t.untyped_storage()
+            key = storage.data_ptr()
+            if key not in self._refs:
+                self._bytes[key] = storage.nbytes()
+                self._refs[key] = 0
+                self.current += storage.nbytes()
+                self.peak = max(self.peak, self.current)
+            self._refs[key] += 1
+            weakref.finalize(t, self._release, key)
+        return out
+
+
+@torch.inference_mode()
+def peak_memory_mb(fn: Callable[[torch.Tensor], Any], module: nn.Module, x: torch.Tensor) -> float:
+    """Weights + input + the peak of what one forward `fn(x)` allocates, in MiB (see module docstring)."""
+    static = module_bytes(module) + x.numel() * x.element_size()
+    if x.device.type == "cuda":
+        torch.cuda.synchronize(x.device)
+        torch.cuda.reset_peak_memory_stats(x.device)
+        base = torch.cuda.memory_allocated(x.device)
+        out = fn(x)
+        torch.cuda.synchronize(x.device)
+        transient = torch.cuda.max_memory_allocated(x.device) - base
+        del out
+    else:
+        with LiveTensorTracker() as tracker:
+            out = fn(x)
+        transient = tracker.peak
+        del out
+    return (static + transient) / 2**20
+
+
+# --- timing ------------------------------------------------------------------------------------------------
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@contextmanager
+def fixed_threads(threads: int | None):
+    """Run with `threads` intra-op CPU threads (None keeps the current setting); restores it afterwards."""
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+
+
+@torch.inference_mode()
+def time_interleaved(fns: dict[str, Callable[[torch.Tensor], Any]], x: torch.Tensor, repeats: int = 20,
+                     warmup: int = 3, on_round: Callable[[], None] | None = None) -> dict[str, list[float]]:
+    """Wall seconds of `repeats` calls of every fn on `x`, interleaved: one call of each per round.
+
+    The order rotates each round so that no fn always runs right after the same neighbour (caches, clocks);
+    garbage collection is paused while timing. `on_round` is called after each round (progress bars).
+    Returns name -> list of seconds, in round order.
+    """
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats} and {warmup}")
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name](x)
+    _sync(x.device)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    gc.collect()
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for r in range(repeats):
+            shift = r % len(names)
+            for name in names[shift:] + names[:shift]:
+                start = time.perf_counter()
+                fns[name](x)
+                _sync(x.device)
+                times[name].append(time.perf_counter() - start)
+            if on_round is not None:
+                on_round()
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return times
+
+
+def median_ms(seconds: Iterable[float]) -> float:
+    """Median of wall times in seconds, in milliseconds."""
+    return statistics.median(seconds) * 1e3
+
+
+def ratios(pruned: dict[str, float], full: dict[str, float], fields: Sequence[str] = FIELDS) -> dict:
+    """pruned / full for every field both have (None where the full figure is 0 or missing)."""
+    return {k: (pruned[k] / full[k] if full.get(k) else None) for k in fields if k in pruned}
+
+
+def repeat_to_batch(images: torch.Tensor, batch: int) -> torch.Tensor:
+    """images: [n, C, H, W] -> [batch, C, H, W], cycling through the n images."""
+    idx = torch.arange(batch, device=images.device) % images.shape[0]
+    return images[idx].contiguous()
+
+
+def _as_path(p: str | Path) -> Path:
+    return Path(p).expanduser()
+
+
+# --- the benchmark ----------------------------------------------------------------------------------------
+
+def _select_tasks(model: nn.Module, extracted: Path, tasks: Sequence[str] | None) -> list[str]:
+    """Tasks to compare: the requested ones, else every task of the model that has an extracted directory."""
+    if not extracted.is_dir():
+        raise CheckpointError(f"{extracted}: extracted-models directory not found (run `modsquad extract` first)")
+    found = [t for t in model.tasks if (extracted / t / "config.json").is_file()]
+    if tasks:
+        unknown = [t for t in tasks if t not in model.tasks]
+        if unknown:
+            raise UnknownNameError(f"model has no task {unknown[0]!r}; its tasks: {', '.join(model.tasks)}")
+        missing = [t for t in tasks if t not in found]
+        if missing:
+            raise CheckpointError(f"{extracted / missing[0]}: no extracted model (config.json) for task "
+                                  f"{missing[0]!r}")
+        return list(tasks)
+    if not found:
+        raise CheckpointError(f"{extracted}: holds no extracted model of this checkpoint's tasks "
+                              f"({', '.join(model.tasks)}); expected {extracted}/<task>/config.json")
+    return found
+
+
+def _check_sources(subs: dict[str, nn.Module], ckpt_path: Path, extracted: Path) -> None:
+    """CheckpointError when an extracted model was cut from another checkpoint than the one benchmarked."""
+    from ..extract.standalone import file_sha256
+
+    sha = file_sha256(ckpt_path)
+    for task, sub in subs.items():
+        source = (getattr(sub, "info", None) or {}).get("source") or {}
+        if source.get("sha256") not in (None, "", sha):
+            raise CheckpointError(f"{extracted / task} was extracted from {source.get('checkpoint', 'another file')}, "
+                                  f"not from {ckpt_path}; benchmark the checkpoint it came from or extract again")
+
+
+def _full_task(model: nn.Module, task: str, x: torch.Tensor) -> torch.Tensor:
+    """The full model as a user runs it for one task: x [B, C, H, W] -> that task's output."""
+    return model(x, tasks=[task])[task]
+
+
+class _Steps:
+    """A rich progress bar over the benchmark's steps, or nothing (`enabled=False`)."""
+
+    def __init__(self, enabled: bool, total: int):
+        self.total = total
+        self._progress = None
+        if enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self._progress = Progress(TextColumn("bench: {task.description:<22}"), BarColumn(),
+                                      MofNCompleteColumn(), TimeElapsedColumn(), transient=True)
+
+    def __enter__(self):
+        if self._progress is not None:
+            self._progress.start()
+            self._id = self._progress.add_task("", total=self.total)
+        return self
+
+    def __exit__(self, *exc):
+        if self._progress is not None:
+            self._progress.stop()
+
+    def describe(self, text: str) -> None:
+        if self._progress is not None:
+            self._progress.update(self._id, description=text)
+
+    def advance(self) -> None:
+        if self._progress is not None:
+            self._progress.advance(self._id)
+
+
+@dataclass
+class ValData:
+    """The evaluated val images: loader batches (dicts with "image", "targets", "masks") and where from."""
+
+    root: str
+    split: str
+    batches: list[dict]
+
+    @property
+    def images(self) -> torch.Tensor:
+        """The first batch's images [B, C, H, W] (inputs for FLOPs, timing and memory)."""
+        return self.batches[0]["image"]
+
+    @property
+    def num_images(self) -> int:
+        return sum(b["image"].shape[0] for b in self.batches)
+
+    def describe(self) -> dict:
+        return {"root": self.root, "split": self.split, "images": self.num_images}
+
+
+def _val_data(ckpt_path: Path, model: nn.Module, data: str | Path | None, split: str | None, max_images: int,
+              batch: int) -> tuple[ValData | None, dict]:
+    """Val batches for the metrics and the metric options, from the run's config.yaml (`data` replaces its
+    data.root) or, for a bare checkpoint, from `data` read as Taskonomy layout; (None, {}) when there is no
+    data to evaluate or `max_images` is 0."""
+    from ..data import build_dataset
+    from ..engine.evaluate import build_split, metric_kwargs, prepare_data_root
+
+    if max_images <= 0:
+        return None, {}
+    cfg_path = ckpt_path.parent / "config.yaml"
+    if cfg_path.is_file():
+        from ..config import load_config
+
+        cfg = load_config(cfg_path)
+        if data is not None:
+            cfg.data.root = str(data)
+        split = split or cfg.eval.split
+        root = prepare_data_root(cfg)
+        dataset = build_split(cfg, split, train=False, max_images=max_images, root=root)
+        kwargs = metric_kwargs(cfg, list(model.tasks))
+    elif data is not None:
+        root, split, kwargs = Path(data), split or "val", {}
+        dataset = build_dataset("taskonomy", root, list(model.tasks), split, model.config["img_size"], train=False,
+                                max_images=max_images)
+    else:
+        return None, {}
+    if len(dataset) == 0:
+        raise DataError(f"{root}: the {split!r} split has no images")
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=False, num_workers=0)
+    return ValData(str(root), split, list(loader)), kwargs
+
+
+def _random_images(model: nn.Module, batch: int, device: torch.device) -> torch.Tensor:
+    size = model.config["img_size"]
+    h, w = (size, size) if isinstance(size, int) else size
+    return torch.randn(batch, model.config.get("in_chans", 3), h, w, generator=torch.Generator().manual_seed(0)).to(device)
+
+
+def _to_device(obj, device: torch.device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
+@torch.inference_mode()
+def _evaluate(model: nn.Module, subs: dict[str, nn.Module], val: ValData | None, images: torch.Tensor,
+              metric_kwargs: dict | None = None):
+    """Metrics of the pruned models, the full model per task and on all tasks at once, and max |pruned - full|.
+
+    Without val data only the differences are measured, on `images`.
+    """
+    from ..tasks.metrics import MultiTaskMetrics
+
+    tasks = list(subs)
+    diffs = dict.fromkeys(tasks, 0.0)
+    pruned_m, full_m = MultiTaskMetrics(tasks, metric_kwargs), MultiTaskMetrics(tasks, metric_kwargs)
+    all_m = MultiTaskMetrics(model.tasks, metric_kwargs)
+    batches = val.batches if val is not None else [{"image": images}]
+    for batch in batches:
+        batch = _to_device(batch, images.device)
+        x = batch["image"]
+        pruned = {t: subs[t](x) for t in tasks}
+        full = {t: _full_task(model, t, x) for t in tasks}
+        for t in tasks:
+            diffs[t] = max(diffs[t], float((pruned[t].float() - full[t].float()).abs().max()))
+        if val is not None:
+            pruned_m.update(pruned, batch)
+            full_m.update(full, batch)
+            all_m.update(model(x), batch)
+    if val is None:
+        return {}, {}, {}, diffs
+    return pruned_m.compute(), full_m.compute(), all_m.compute(), diffs
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    try:  # Linux: the CPU model, which platform.processor() leaves empty
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _entry(params: int, flops: int, latency: list[float], throughput: list[float], batch: int, peak_mb: float,
+           metrics: dict) -> dict:
+    return {"params": int(params), "flops": int(flops), "latency_ms": median_ms(latency),
+            "throughput": batch / statistics.median(throughput), "peak_mem_mb": peak_mb, "metrics": metrics}
+
+
+def benchmark(checkpoint: str | Path, extracted: str | Path, *, tasks: Sequence[str] | None = None,
+              batch_sizes: Sequence[int] = (1, 32), device: str | torch.device = "cpu", repeats: int = 20,
+              warmup: int = 3, data: str | Path | None = None, split: str | None = None, max_images: int = 64,
+              threads: int | None = None, progress: bool = False) -> dict:
+    """Measure the full model and every extracted model of `extracted` side by side; returns bench.json's dict.
+
+    Args:
+        checkpoint: run directory or .safetensors checkpoint of the full multi-task model.
+        extracted: directory with one `<task>/` per extracted model (`modsquad extract`).
+        tasks: tasks to compare (default: every task of the model that was extracted).
+        batch_sizes: (latency batch, throughput batch); one value uses the same batch for both.
+        device: "cpu", "cuda", "cuda:N".
+        repeats, warmup: timed and untimed forwards per model and batch size.
+        data: dataset root for the metrics (default: the run's config.yaml data.root); split: default the
+            config's eval split, else "val"; max_images: cap on evaluated images (0 skips the metrics).
+        threads: CPU intra-op threads while measuring (default: torch's current setting).
+        progress: show a rich progress bar.
+    """
+    from ..engine.checkpoint import load_model, resolve_checkpoint
+    from ..extract.standalone import load_extracted
+
+    batch_sizes = tuple(int(b) for b in batch_sizes)
+    if not batch_sizes or len(batch_sizes) > 2 or min(batch_sizes) < 1:
+        raise ConfigError(f"--batch takes one or two batch sizes >= 1 (latency,throughput), got {batch_sizes}")
+    if repeats < 1 or warmup < 0:
+        raise ConfigError(f"--repeats must be >= 1 and --warmup >= 0, got {repeats} and {warmup}")
+    b_lat, b_thr = batch_sizes[0], batch_sizes[-1]
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: this torch build or machine has no CUDA device")
+    ckpt_path = resolve_checkpoint(checkpoint)
+    model = load_model(ckpt_path, map_location=device).eval()
+    extracted = _as_path(extracted)
+    tasks = _select_tasks(model, extracted, tasks)
+    subs = {t: load_extracted(extracted / t, map_location=device).eval() for t in tasks}
+    _check_sources(subs, ckpt_path, extracted)
+    val, metric_kwargs = _val_data(ckpt_path, model, data, split, max_images, b_thr)
+    images = val.images.to(device) if val is not None else _random_images(model, b_thr, device)
+
+    fns: dict[str, Callable[[torch.Tensor], Any]] = {"full": model}
+    modules: dict[str, nn.Module] = {"full": model}
+    for t in tasks:
+        fns[f"full/{t}"] = functools.partial(_full_task, model, t)
+        modules[f"full/{t}"] = model
+        fns[t] = subs[t]
+        modules[t] = subs[t]
+
+    with fixed_threads(threads) as n_threads, _Steps(progress, 2 * repeats + len(fns) + 1) as steps:
+        x_lat, x_thr = repeat_to_batch(images, b_lat), repeat_to_batch(images, b_thr)
+        # One plain forward each first, so that lazy one-time work (kernel support probes, allocator pools)
+        # happens outside the FLOP counter, the memory tracker, inference mode and the timed runs.
+        with torch.no_grad():
+            for fn in fns.values():
+                fn(x_lat)
+        steps.describe("FLOPs")
+        flops = {k: count_flops(fn, x_lat[:1]) for k, fn in fns.items()}
+        steps.describe(f"latency, batch {b_lat}")
+        lat = time_interleaved(fns, x_lat, repeats, warmup, on_round=steps.advance)
+        steps.describe(f"throughput, batch {b_thr}")
+        thr = time_interleaved(fns, x_thr, repeats, warmup, on_round=steps.advance)
+        steps.describe("peak memory")
+        peak = {}
+        for k, fn in fns.items():
+            peak[k] = peak_memory_mb(fn, modules[k], x_thr)
+            steps.advance()
+        steps.describe("metrics")
+        metrics, full_metrics, all_metrics, diffs = _evaluate(model, subs, val, images, metric_kwargs)
+        steps.advance()
+
+    params = {"full": count_params(model), **{f"full/{t}": task_param_count(model, t) for t in tasks},
+              **{t: count_params(subs[t]) for t in tasks}}
+    result_tasks = {}
+    for t in tasks:
+        pruned = _entry(params[t], flops[t], lat[t], thr[t], b_thr, peak[t], metrics.get(t, {}))
+        full = _entry(params[f"full/{t}"], flops[f"full/{t}"], lat[f"full/{t}"], thr[f"full/{t}"], b_thr,
+                      peak[f"full/{t}"], full_metrics.get(t, {}))
+        result_tasks[t] = {**pruned, "full": full, "max_abs_diff": diffs[t], "ratios": ratios(pruned, full)}
+    full_all = _entry(params["full"], flops["full"], lat["full"], thr["full"], b_thr, peak["full"], all_metrics)
+    return {
+        "checkpoint": str(ckpt_path),
+        "extracted": str(extracted),
+        "device": device.type,
+        "device_name": _device_name(device),
+        "torch": torch.__version__,
+        "threads": n_threads,
+        "batch_sizes": {"latency": b_lat, "throughput": b_thr},
+        "repeats": repeats,
+        "warmup": warmup,
+        "data": val.describe() if val is not None else None,
+        "full": {**full_all, "tasks": list(model.tasks)},
+        "tasks": result_tasks,
+        "definitions": DEFINITIONS,
+    }
