@@ -1,0 +1,86 @@
+"""MoE attention (Mod-Squad's MoA): attention experts whose top-k choices act as a token's k heads."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .dispatch import combine, gather_tokens, grouped_matmul, plan_dispatch, sort_rows, unsort_rows
+from .routers import MoELayer, is_exporting, token_task_ids
+
+
+class MoEAttention(MoELayer):
+    """Mixture of attention heads (MoA, Zhang et al.; Mod-Squad).
+
+    Each expert e owns a query projection `q_weight[e]: [dim, head_dim]` (+ `q_bias[e]`) and an output
+    projection `o_weight[e]: [head_dim, dim]`; one key/value projection `kv = Linear(dim, 2 * head_dim)` is
+    shared by all experts. The k experts chosen for token t are its k heads:
+        q_i = x_t W_q[e_i],  o_i = softmax(q_i K^T / sqrt(head_dim)) V  (K, V of all tokens of t's sample),
+        out_t = sum_i w_i o_i W_o[e_i] + o_bias.
+    The k slots run as k heads of one `scaled_dot_product_attention` call sharing K/V.
+    """
+
+    def __init__(self, dim: int, head_dim: int, num_experts: int, top_k: int, num_tasks: int,
+                 router: str = "per_task", qkv_bias: bool = True, attn_drop: float = 0., proj_drop: float = 0.,
+                 router_kwargs: dict | None = None):
+        super().__init__(dim, num_experts, top_k, num_tasks, router, router_kwargs)
+        self.dim = dim
+        self.head_dim = head_dim
+        self.q_weight = nn.Parameter(torch.empty(num_experts, dim, head_dim))
+        self.q_bias = nn.Parameter(torch.empty(num_experts, head_dim)) if qkv_bias else None
+        self.kv = nn.Linear(dim, 2 * head_dim, bias=qkv_bias)
+        self.o_weight = nn.Parameter(torch.empty(num_experts, head_dim, dim))
+        self.o_bias = nn.Parameter(torch.empty(dim))
+        self.attn_drop = attn_drop
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """timm ViT init: trunc_normal_(std=.02) weights, zero biases."""
+        for w in (self.q_weight, self.kv.weight, self.o_weight):
+            nn.init.trunc_normal_(w, std=0.02)
+        for b in (self.q_bias, self.kv.bias, self.o_bias):
+            if b is not None:
+                nn.init.zeros_(b)
+
+    def forward(self, x: torch.Tensor, task_ids: torch.Tensor | int) -> torch.Tensor:
+        """x: [B, N, D]; task_ids: [B] per sample (or [B, N] per token, or an int) -> [B, N, D]."""
+        if x.dim() != 3:
+            raise ValueError(f"MoEAttention expects x of shape [B, N, D], got {tuple(x.shape)}")
+        if is_exporting():
+            return self.forward_all_experts(x, task_ids)
+        B, N, D = x.shape
+        k, hd = self.top_k, self.head_dim
+        xt = x.reshape(B * N, D)
+        routing = self.route(xt, token_task_ids(task_ids, (B, N), x.device))
+        plan = plan_dispatch(routing.indices, self.num_experts)
+
+        q = grouped_matmul(gather_tokens(xt, plan), self.q_weight, plan, self.q_bias)  # [S, hd]
+        q = unsort_rows(q, plan).view(B, N, k, hd).transpose(1, 2)  # [B, k, N, hd]
+        key, value = self.kv(x).view(B, 1, N, 2, hd).unbind(3)  # [B, 1, N, hd] each, shared by the k heads
+        o = F.scaled_dot_product_attention(q, key, value, dropout_p=self.attn_drop if self.training else 0.,
+                                           enable_gqa=True)
+        o = o.transpose(1, 2).reshape(B * N * k, hd)  # (token, slot) order
+
+        y = grouped_matmul(sort_rows(o, plan), self.o_weight, plan)  # [S, D]
+        out = combine(y, routing.weights, plan)
+        out = out + self.o_bias.to(out.dtype)  # keeps autocast's bf16 (a Linear's bias would too)
+        return self.proj_drop(out).view(B, N, D)
+
+    def forward_all_experts(self, x: torch.Tensor, task_ids: torch.Tensor | int) -> torch.Tensor:
+        """Same result as `forward` with static shapes: every expert is a head of every token, weighted by the
+        gates (0 for experts a token did not choose). x: [B, N, D] -> [B, N, D]."""
+        B, N, D = x.shape
+        E, hd = self.num_experts, self.head_dim
+        xt = x.reshape(B * N, D)
+        gates = self.dense_gates(self.route(xt, token_task_ids(task_ids, (B, N), x.device)), x.dtype)
+        q = torch.matmul(xt, self.q_weight)  # [E, T, hd]
+        if self.q_bias is not None:
+            q = q + self.q_bias.unsqueeze(1)
+        q = q.view(E, B, N, hd).transpose(0, 1)  # [B, E, N, hd]
+        key, value = self.kv(x).view(B, 1, N, 2, hd).expand(B, E, N, 2, hd).unbind(3)
+        o = F.scaled_dot_product_attention(q, key, value, dropout_p=self.attn_drop if self.training else 0.)
+        y = torch.matmul(o.transpose(0, 1).reshape(E, B * N, hd), self.o_weight)  # [E, T, D]
+        out = (gates.t().unsqueeze(-1) * y).sum(0)
+        return self.proj_drop(out + self.o_bias.to(out.dtype)).view(B, N, D)

@@ -1,0 +1,247 @@
+"""Token dispatch for mixture-of-experts layers: sort by expert, grouped matmuls, scatter back.
+
+T tokens with top-k routing make S = T * k (token, slot) assignments. `plan_dispatch` sorts them by expert
+(stable, so rows of one expert keep token order), after which every expert's rows are one contiguous slice
+and all experts run as one grouped matmul (`grouped_matmul`). `combine` puts the rows back in (token, slot)
+order and sums the k slots of each token with the gate weights.
+
+`grouped_matmul` uses `torch.nn.functional.grouped_mm` where this build runs it, forward and backward, for
+the device and dtype at hand (probed once per (device type, dtype) and cached), else one matmul per
+non-empty expert. Set the environment variable `MODSQUAD_GROUPED_MM=0` to force the loop (benchmarks).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import torch
+import torch.nn.functional as F
+
+GROUPED_MM_ENV = "MODSQUAD_GROUPED_MM"
+
+_GROUPED_MM_SUPPORT: dict[tuple[str, torch.dtype], bool] = {}
+
+
+@dataclass
+class DispatchPlan:
+    """Where each of the S = T * k (token, slot) assignments goes once rows are sorted by expert.
+
+    order:        [S] long, flat (token * k + slot) index of each sorted row
+    inverse:      [S] long, sorted row of each flat (token, slot) index (`inverse[order] = arange(S)`)
+    token_index:  [S] long, token of each sorted row (`order // k`)
+    expert_index: [S] long, expert of each sorted row (non-decreasing)
+    counts:       [E] long, rows per expert
+    offsets:      [E] int32, cumulative ends of each expert's slice (the `offs` of grouped_mm)
+    """
+
+    order: torch.Tensor
+    inverse: torch.Tensor
+    token_index: torch.Tensor
+    expert_index: torch.Tensor
+    counts: torch.Tensor
+    offsets: torch.Tensor
+    num_tokens: int
+    top_k: int
+    _one_hot: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def num_experts(self) -> int:
+        return self.counts.numel()
+
+    @cached_property
+    def splits(self) -> list[int]:
+        """Rows per expert as Python ints (one host sync, only the loop path needs it)."""
+        return self.counts.tolist()
+
+    def expert_one_hot(self, dtype: torch.dtype) -> torch.Tensor:
+        """[S, E] one-hot expert of each sorted row (cached per dtype): sums rows per expert as one matmul."""
+        if dtype not in self._one_hot:
+            self._one_hot[dtype] = F.one_hot(self.expert_index, self.num_experts).to(dtype)
+        return self._one_hot[dtype]
+
+
+def plan_dispatch(indices: torch.Tensor, num_experts: int) -> DispatchPlan:
+    """indices: [T, k] chosen experts per token -> DispatchPlan sorting the T * k assignments by expert."""
+    num_tokens, top_k = indices.shape
+    flat = indices.reshape(-1)
+    expert_index, order = torch.sort(flat, stable=True)
+    # scatter_add instead of bincount: bincount syncs with the host on GPUs to size its output
+    counts = torch.zeros(num_experts, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+    return DispatchPlan(
+        order=order,
+        inverse=inverse,
+        token_index=torch.div(order, top_k, rounding_mode="floor"),
+        expert_index=expert_index,
+        counts=counts,
+        offsets=counts.cumsum(0).to(torch.int32),
+        num_tokens=num_tokens,
+        top_k=top_k,
+    )
+
+
+# Rows move by gathers (index_select) with hand-written backwards: autograd's default backward of a gather is an
+# index_add, which is serial on CPUs and non-deterministic on GPUs; a permutation's inverse is a plain scatter
+# (index_copy, every row written once) and the k copies of a token are summed as a dense [T, k, D] reduction.
+
+
+class _PermuteRows(torch.autograd.Function):
+    """rows[perm] for a permutation `perm`; backward scatters the gradient back with index_copy."""
+
+    @staticmethod
+    def forward(ctx, rows, perm):
+        ctx.save_for_backward(perm)
+        return rows.index_select(0, perm)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (perm,) = ctx.saved_tensors
+        return grad.new_empty(grad.shape).index_copy_(0, perm, grad), None
+
+
+class _GatherTokens(torch.autograd.Function):
+    """x[token_index] (each token k times); backward un-sorts the gradient and sums each token's k slots."""
+
+    @staticmethod
+    def forward(ctx, x, token_index, order, top_k):
+        ctx.save_for_backward(order)
+        ctx.top_k = top_k
+        return x.index_select(0, token_index)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (order,) = ctx.saved_tensors
+        rows = grad.new_empty(grad.shape).index_copy_(0, order, grad)  # (token, slot) order
+        return rows.view(-1, ctx.top_k, rows.shape[-1]).sum(dim=1), None, None, None
+
+
+def gather_tokens(x: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    """x: [T, D] -> [S, D], the token of every sorted row (each token appears k times)."""
+    return _GatherTokens.apply(x, plan.token_index, plan.order, plan.top_k)
+
+
+def sort_rows(rows: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    """rows: [T * k, D] in (token, slot) order -> [S, D] sorted by expert."""
+    return _PermuteRows.apply(rows, plan.order)
+
+
+def unsort_rows(rows: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    """rows: [S, D] sorted by expert -> [T * k, D] in (token, slot) order."""
+    return _PermuteRows.apply(rows, plan.inverse)
+
+
+def combine(y_sorted: torch.Tensor, weights: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    """Weighted sum of each token's k expert outputs.
+
+    y_sorted: [S, D] sorted by expert, weights: [T, k] -> [T, D] = sum_i weights[t, i] * y[t, i].
+    """
+    y = unsort_rows(y_sorted, plan).view(plan.num_tokens, plan.top_k, -1)
+    return torch.bmm(weights.to(y.dtype).unsqueeze(1), y).squeeze(1)  # one pass over y, unlike (y * w).sum(1)
+
+
+class _AddExpertBias(torch.autograd.Function):
+    """out + bias[expert of each row], in place on `out`; the backward sums each expert's rows with one matmul
+    against the one-hot experts (autograd's default for a gather, an index_add, is serial on CPUs).
+
+    With `splits` (rows per expert, known on the host) each expert's slice gets its bias row added in place,
+    one pass over `out`; without, the bias rows are gathered first (no host sync, for accelerators).
+    """
+
+    @staticmethod
+    def forward(ctx, out, bias, one_hot, expert_index, splits):
+        ctx.save_for_backward(one_hot)
+        if splits is None:
+            out.add_(bias.index_select(0, expert_index))
+        else:
+            for rows, b in zip(out.split(splits), bias.unbind(0), strict=True):
+                rows.add_(b)
+        ctx.mark_dirty(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (one_hot,) = ctx.saved_tensors
+        grad_bias = one_hot.t() @ grad if ctx.needs_input_grad[1] else None
+        return grad, grad_bias, None, None, None
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous (grouped_mm rejects expanded grads,
+    e.g. the one `out.sum().backward()` sends)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
+def grouped_mm_supported(device: torch.device | str, dtype: torch.dtype) -> bool:
+    """Whether F.grouped_mm runs forward and backward correctly here; a tiny probe, cached per (device, dtype)."""
+    device = torch.device(device)
+    key = (device.type, dtype)
+    if key not in _GROUPED_MM_SUPPORT:
+        _GROUPED_MM_SUPPORT[key] = _probe_grouped_mm(device, dtype)
+    return _GROUPED_MM_SUPPORT[key]
+
+
+def _probe_grouped_mm(device: torch.device, dtype: torch.dtype) -> bool:
+    if not hasattr(F, "grouped_mm") or device.type == "meta":
+        return False
+    try:
+        with torch.enable_grad(), torch.autocast(device.type, enabled=False):
+            gen = torch.Generator().manual_seed(0)
+            x = torch.randn(6, 16, generator=gen).to(device, dtype).requires_grad_()
+            w = torch.randn(2, 16, 16, generator=gen).to(device, dtype).requires_grad_()
+            offs = torch.tensor([2, 6], dtype=torch.int32, device=device)
+            y = F.grouped_mm(x, w, offs=offs)
+            ref = torch.cat([x[:2] @ w[0], x[2:] @ w[1]])
+            grads = torch.autograd.grad(y, (x, w), torch.ones_like(y))
+            ref_grads = torch.autograd.grad(ref, (x, w), torch.ones_like(ref))
+        tol = dict(rtol=5e-2, atol=5e-1)  # catches wrong results, not rounding (bf16 sums of 16 products)
+        return all(torch.allclose(a.float(), b.float(), **tol) for a, b in zip((y, *grads), (ref, *ref_grads), strict=True))
+    except Exception:  # any failure (missing kernel, dtype, device capability) means: use the loop
+        return False
+
+
+def _grouped_mm_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    if os.environ.get(GROUPED_MM_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+        return False
+    # grouped GEMM kernels need 16-byte aligned row strides
+    if any(d * x.element_size() % 16 for d in weight.shape[1:]):
+        return False
+    return grouped_mm_supported(x.device, x.dtype)
+
+
+def grouped_matmul(x_sorted: torch.Tensor, weight: torch.Tensor, plan: DispatchPlan,
+                   bias: torch.Tensor | None = None, use_grouped_mm: bool | None = None) -> torch.Tensor:
+    """Per-expert matmul over contiguous slices: rows of expert e are multiplied by `weight[e]`.
+
+    x_sorted: [S, Din] sorted by expert, weight: [E, Din, Dout], bias: [E, Dout] or None -> [S, Dout].
+    `use_grouped_mm=None` picks grouped_mm when supported and not disabled by `MODSQUAD_GROUPED_MM=0`.
+    """
+    if torch.is_autocast_enabled(x_sorted.device.type):
+        dtype = torch.get_autocast_dtype(x_sorted.device.type)
+        x_sorted, weight = x_sorted.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+    if use_grouped_mm is None:
+        use_grouped_mm = _grouped_mm_usable(x_sorted, weight)
+    grouped = use_grouped_mm and x_sorted.shape[0] > 0
+    if grouped:
+        out = F.grouped_mm(x_sorted.contiguous(), weight.contiguous(), offs=plan.offsets)
+    else:
+        # unbind once: indexing weight[e] per expert would make its backward build E full-size zero tensors
+        experts = weight.unbind(0)
+        parts = [chunk @ experts[e] for e, chunk in enumerate(x_sorted.split(plan.splits)) if chunk.shape[0] > 0]
+        out = torch.cat(parts) if parts else x_sorted.new_zeros(0, weight.shape[-1])
+    if bias is not None:
+        # on CPUs the row counts are host values anyway (free); elsewhere the loop path has already synced
+        splits = plan.splits if out.device.type == "cpu" or not grouped else None
+        out = _AddExpertBias.apply(out, bias, plan.expert_one_hot(out.dtype), plan.expert_index, splits)
+    if grouped and out.requires_grad:
+        out = _ContiguousGrad.apply(out)
+    return out

@@ -1,0 +1,290 @@
+"""Routers: which k of E experts each token uses, and with what weight.
+
+Every router maps tokens `x: [T, D]` and their task ids `task_ids: [T]` to a `RouterOutput`:
+
+    probs    [T, E]  full softmax over all experts (float32, or float64 for float64 inputs): for aux losses
+    indices  [T, k]  the chosen experts, best first (ties go to the lower expert id)
+    weights  [T, k]  softmax over the k chosen logits only, so experts a token never chooses have no say in
+                     its output (dropping them at extraction leaves the output unchanged)
+    logits   [T, E]  the logits the choice was made from (pre-softmax, for the router z-loss)
+
+Kinds (`ROUTERS`, built by name with `build_router`):
+    per_task          one linear gate per task on the token (Mod-Squad; M3ViT's multi-gate)
+    task_conditioned  one shared gate on concat(token, learned task embedding) (task-aware gating, Gupta et al.)
+    task_level        one decision per (task, layer) from learned task logits; every token of a task uses the
+                      same experts (task-level MoE, Ye et al.)
+    shared            one gate for all tasks (the plain MoE baseline)
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import UnknownNameError
+from .usage import count_selections
+
+ROUTERS = ("per_task", "task_conditioned", "task_level", "shared")
+TASK_LEVEL_MODES = ("softmax", "gumbel", "gumbel_st")
+
+
+class RouterOutput(NamedTuple):
+    """Routing of T tokens over E experts with top-k (shapes in the module docstring)."""
+
+    probs: torch.Tensor
+    indices: torch.Tensor
+    weights: torch.Tensor
+    logits: torch.Tensor
+
+
+def token_task_ids(task_ids: torch.Tensor | int, leading_shape: torch.Size | tuple[int, ...],
+                   device: torch.device | None = None) -> torch.Tensor:
+    """Task id of every token, flattened to [T].
+
+    `task_ids` may be an int (one task for all tokens), per sample `[B]` for `leading_shape = (B, N)`, or per
+    token with the tokens' own shape (`[B, N]`, or `[T]` for `leading_shape = (T,)`). Branches on ranks only,
+    so that tracing for export records no shape-dependent Python decisions.
+    """
+    if isinstance(task_ids, torch.Tensor):
+        task_ids = task_ids.to(device=device, dtype=torch.long)
+    else:
+        task_ids = torch.as_tensor(task_ids, dtype=torch.long, device=device)
+    try:
+        if task_ids.dim() == 0:
+            return task_ids.expand(leading_shape).reshape(-1)
+        if task_ids.dim() == 1 and len(leading_shape) == 2:
+            return task_ids[:, None].expand(leading_shape).reshape(-1)
+        if task_ids.dim() == len(leading_shape):
+            return task_ids.expand(leading_shape).reshape(-1)
+    except RuntimeError:
+        pass
+    raise ValueError(f"task_ids of shape {tuple(task_ids.shape)} do not match tokens of shape {tuple(leading_shape)}")
+
+
+def is_exporting() -> bool:
+    """True while tracing or exporting (torch.jit.trace, torch.onnx.export, torch.export): MoE layers then take
+    their static-shape path (every expert on every token) and skip side effects such as usage counting."""
+    exporting = getattr(torch.compiler, "is_exporting", None)
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or bool(exporting and exporting())
+
+
+def _float_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Routing maths in at least float32 (bf16 softmax/top-k would make near-ties flip between runs)."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
+def route_top_k(logits: torch.Tensor, top_k: int) -> RouterOutput:
+    """Top-k routing from logits [T, E]: full softmax, top-k ids, weights renormalised over the chosen k."""
+    logits = _float_logits(logits)
+    probs = logits.softmax(dim=-1)
+    if is_exporting():  # exporters lack a stable sort; exact ties do not occur in trained routers
+        top_logits, indices = logits.topk(top_k, dim=-1)
+    else:  # a stable sort, not topk: ties (e.g. zero-initialised gates) go to the lower expert id on every device
+        top_logits, indices = logits.sort(dim=-1, descending=True, stable=True)
+        top_logits, indices = top_logits[:, :top_k], indices[:, :top_k]
+    return RouterOutput(probs, indices, top_logits.softmax(dim=-1), logits)
+
+
+class Router(nn.Module):
+    """Base class: subclasses compute gate logits [T, E]; routing from logits is shared (`route_top_k`)."""
+
+    def __init__(self, num_experts: int, top_k: int, num_tasks: int):
+        super().__init__()
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
+        if num_tasks < 1:
+            raise ValueError(f"num_tasks must be >= 1, got {num_tasks}")
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.num_tasks = num_tasks
+
+    def gate_logits(self, x: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, task_ids: torch.Tensor) -> RouterOutput:
+        """x: [T, D], task_ids: [T] long -> RouterOutput."""
+        return route_top_k(self.gate_logits(x, task_ids), self.top_k)
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, top_k={self.top_k}, num_tasks={self.num_tasks}"
+
+
+class PerTaskRouter(Router):
+    """One bias-free linear gate per task (Mod-Squad / M3ViT multi-gate): logits = x @ weight[task].T.
+
+    `weight: [num_tasks, E, D]` is zero-initialised, so every task starts from uniform probabilities. With
+    `noisy=True`, Shazeer et al.'s noisy top-k gating adds `randn * softplus(x @ noise_weight[task].T)` to the
+    logits in training mode only (`noise_weight` zero-initialised too).
+    """
+
+    def __init__(self, dim: int, num_experts: int, top_k: int, num_tasks: int, noisy: bool = False):
+        super().__init__(num_experts, top_k, num_tasks)
+        self.noisy = noisy
+        self.weight = nn.Parameter(torch.zeros(num_tasks, num_experts, dim))
+        self.noise_weight = nn.Parameter(torch.zeros(num_tasks, num_experts, dim)) if noisy else None
+
+    @staticmethod
+    def _per_task_linear(x: torch.Tensor, weight: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
+        # All tasks' gates in one matmul, then pick each token's task: [T, n_tasks * E] is tiny next to the
+        # experts, and this needs no host sync and no per-task loop.
+        num_tasks, num_experts, dim = weight.shape
+        all_logits = (x @ weight.reshape(num_tasks * num_experts, dim).t()).view(-1, num_tasks, num_experts)
+        return all_logits.gather(1, task_ids.reshape(-1, 1, 1).expand(-1, 1, num_experts)).squeeze(1)
+
+    def gate_logits(self, x: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
+        logits = self._per_task_linear(x, self.weight, task_ids)
+        if self.noise_weight is not None and self.training:
+            logits = _float_logits(logits)
+            std = F.softplus(_float_logits(self._per_task_linear(x, self.noise_weight, task_ids)))
+            logits = logits + torch.randn_like(logits) * std
+        return logits
+
+
+class TaskConditionedRouter(Router):
+    """One shared gate `Linear(dim + task_dim, E)` over concat(token, task embedding) (Gupta et al.).
+
+    The task embedding `task_embed: [num_tasks, task_dim]` belongs to the router and starts at unit scale (like
+    a layer-normed token) so the zero-initialised gate can learn from it; the gate starts uniform. The
+    concatenation is never materialised: the gate's token and task columns are applied separately.
+    """
+
+    def __init__(self, dim: int, num_experts: int, top_k: int, num_tasks: int, task_dim: int | None = None):
+        super().__init__(num_experts, top_k, num_tasks)
+        self.dim = dim
+        self.task_dim = task_dim or dim
+        self.task_embed = nn.Parameter(torch.randn(num_tasks, self.task_dim))
+        self.gate = nn.Linear(dim + self.task_dim, num_experts)
+        nn.init.zeros_(self.gate.weight)
+        nn.init.zeros_(self.gate.bias)
+
+    def gate_logits(self, x: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
+        w_token, w_task = self.gate.weight.split([self.dim, self.task_dim], dim=1)
+        task_logits = F.linear(self.task_embed, w_task, self.gate.bias)  # [num_tasks, E]
+        return x @ w_token.t() + task_logits[task_ids]
+
+
+class TaskLevelRouter(Router):
+    """One routing decision per (task, layer) from learned task logits `task_logits: [num_tasks, E]` (Ye et al.).
+
+    Every token of a task gets the same experts and weights; the input tokens are not looked at.
+    Modes (training; eval is always deterministic: top-k of `task_logits`, no noise):
+        softmax    top-k of the task logits, weights = softmax over the chosen logits.
+        gumbel     Gumbel-top-k: one Gumbel sample per task and forward is added to the logits and divided by
+                   `tau`; top-k of that is a sample of k experts without replacement, weights = softmax over the
+                   chosen perturbed logits. `probs`/`logits` are the perturbed ones.
+        gumbel_st  straight-through Gumbel: the same sampled experts, but the forward uses hard weights 1/k
+                   (as in eval) while the gradient flows as if the weights were the full softmax
+                   probabilities of the chosen experts, so every expert's logit learns (also for k = 1).
+    `task_logits` start as small random values (std `init_std`): near-uniform probabilities, but tasks do not
+    all tie on the same first k experts, which a task-level decision without noise could never leave.
+    """
+
+    def __init__(self, dim: int, num_experts: int, top_k: int, num_tasks: int, mode: str = "softmax",
+                 tau: float = 1.0, init_std: float = 0.02):
+        super().__init__(num_experts, top_k, num_tasks)
+        if mode not in TASK_LEVEL_MODES:
+            raise UnknownNameError(f"unknown task_level router mode {mode!r}; choose one of {TASK_LEVEL_MODES}")
+        if tau <= 0:
+            raise ValueError(f"tau must be > 0, got {tau}")
+        self.mode = mode
+        self.tau = tau
+        self.task_logits = nn.Parameter(torch.randn(num_tasks, num_experts) * init_std)
+
+    def forward(self, x: torch.Tensor, task_ids: torch.Tensor) -> RouterOutput:
+        """x: [T, D] (only its dtype/device matter), task_ids: [T] -> RouterOutput, identical within a task."""
+        logits = _float_logits(self.task_logits)
+        if self.mode == "softmax" or not self.training:
+            route = route_top_k(logits, self.top_k)
+            if self.mode == "gumbel_st":
+                route = route._replace(weights=torch.full_like(route.weights, 1.0 / self.top_k))
+        else:
+            gumbel = -torch.empty_like(logits).exponential_().log()
+            route = route_top_k((logits + gumbel) / self.tau, self.top_k)
+            if self.mode == "gumbel_st":
+                soft = route.probs.gather(1, route.indices)
+                route = route._replace(weights=soft - soft.detach() + 1.0 / self.top_k)
+        return RouterOutput(*(t[task_ids] for t in route))
+
+
+class SharedRouter(Router):
+    """One bias-free linear gate for every task (plain MoE baseline), zero-initialised (uniform start)."""
+
+    def __init__(self, dim: int, num_experts: int, top_k: int, num_tasks: int = 1):
+        super().__init__(num_experts, top_k, num_tasks)
+        self.gate = nn.Linear(dim, num_experts, bias=False)
+        nn.init.zeros_(self.gate.weight)
+
+    def gate_logits(self, x: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
+        return self.gate(x)
+
+
+_ROUTER_CLASSES: dict[str, type[Router]] = {
+    "per_task": PerTaskRouter,
+    "task_conditioned": TaskConditionedRouter,
+    "task_level": TaskLevelRouter,
+    "shared": SharedRouter,
+}
+
+
+def build_router(kind: str, dim: int, num_experts: int, top_k: int, num_tasks: int, **kwargs) -> Router:
+    """Router by name (`ROUTERS`); kwargs go to its constructor (e.g. `noisy=True`, `mode="gumbel_st"`)."""
+    if kind not in _ROUTER_CLASSES:
+        raise UnknownNameError(f"unknown router {kind!r}; choose one of {ROUTERS}")
+    return _ROUTER_CLASSES[kind](dim, num_experts, top_k, num_tasks, **kwargs)
+
+
+class MoELayer(nn.Module):
+    """Base of the MoE layers: owns the router, keeps the last routing for aux losses and counts usage.
+
+    Subclasses implement `forward` (sorted dispatch, grouped matmuls) and `forward_all_experts` (every expert
+    on every token, weighted by the dense gates: E / k times the compute, but static shapes, so that it can be
+    traced and exported; `forward` switches to it while `is_exporting()`).
+    `last_routing` is `(RouterOutput, token task ids [T])` of the last forward (None before the first).
+    `usage` is an int64 buffer [num_tasks, E] of top-k selections per task, summed over every forward (train
+    and eval) while `track_usage` is True; it is saved in the state_dict and cleared by `reset_usage()`.
+    int64 so that `model.to(dtype)` never rounds the counts.
+    """
+
+    def __init__(self, dim: int, num_experts: int, top_k: int, num_tasks: int, router: str = "per_task",
+                 router_kwargs: dict | None = None):
+        super().__init__()
+        self.router_kind = router
+        self.router = build_router(router, dim, num_experts, top_k, num_tasks, **(router_kwargs or {}))
+        self.register_buffer("usage", torch.zeros(num_tasks, num_experts, dtype=torch.long))
+        self.track_usage = True
+        self.last_routing: tuple[RouterOutput, torch.Tensor] | None = None
+
+    @property
+    def num_experts(self) -> int:
+        return self.router.num_experts
+
+    @property
+    def top_k(self) -> int:
+        return self.router.top_k
+
+    @property
+    def num_tasks(self) -> int:
+        return self.router.num_tasks
+
+    def route(self, x: torch.Tensor, task_ids: torch.Tensor) -> RouterOutput:
+        """x: [T, D], task_ids: [T] -> RouterOutput; records it and counts the selections."""
+        routing = self.router(x, task_ids)
+        if is_exporting():
+            return routing
+        self.last_routing = (routing, task_ids)
+        if self.track_usage:
+            with torch.no_grad():
+                self.usage += count_selections(routing.indices, task_ids, self.num_tasks, self.num_experts)
+        return routing
+
+    def reset_usage(self) -> None:
+        self.usage.zero_()
+
+    @staticmethod
+    def dense_gates(routing: RouterOutput, dtype: torch.dtype) -> torch.Tensor:
+        """[T, E] gate weight of every expert for every token (0 where not chosen), for `forward_all_experts`."""
+        gates = routing.probs.new_zeros(routing.probs.shape)
+        return gates.scatter(1, routing.indices, routing.weights.to(gates.dtype)).to(dtype)

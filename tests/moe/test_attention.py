@@ -1,0 +1,134 @@
+import pytest
+import torch
+
+from modsquad.moe import MoEAttention
+
+from .reference import (
+    ROUTER_CONFIGS,
+    ROUTER_IDS,
+    assert_layer_matches,
+    randomize_experts,
+    randomize_router,
+    reference_attention,
+)
+
+DIM, HEAD_DIM, EXPERTS, TOP_K, TASKS = 8, 4, 4, 2, 3
+
+
+def _inputs(seed: int, dtype=torch.float64, batch: int = 3, tokens: int = 5, dim: int = DIM):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, tokens, dim, generator=gen, dtype=dtype)
+    x[..., 0] = 1.0  # lets randomize_router(never=...) shut one expert out
+    task_ids = torch.randint(0, TASKS, (batch,), generator=gen)
+    return x, task_ids, gen
+
+
+def _layer(kind, kwargs, gen, never=None, dtype=torch.float64, dim=DIM, head_dim=HEAD_DIM, **extra):
+    layer = MoEAttention(dim, head_dim, EXPERTS, TOP_K, TASKS, router=kind, router_kwargs=kwargs, **extra).to(dtype)
+    randomize_experts(layer, gen)
+    randomize_router(layer.router, gen, never=never)
+    return layer
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("never", [None, EXPERTS - 1], ids=["all-experts", "idle-expert"])
+@pytest.mark.parametrize(("kind", "kwargs", "stochastic"), ROUTER_CONFIGS, ids=ROUTER_IDS)
+def test_matches_reference_float64(kind, kwargs, stochastic, never, seed):
+    x, task_ids, gen = _inputs(seed)
+    layer = _layer(kind, kwargs, gen, never=never).train(not stochastic)
+    assert_layer_matches(layer, reference_attention, x, task_ids, gen)
+    if never is not None:
+        assert layer.usage[:, never].sum() == 0 and layer.usage.sum() == x.shape[0] * x.shape[1] * TOP_K
+
+
+def test_matches_reference_without_qkv_bias():
+    x, task_ids, gen = _inputs(7)
+    layer = _layer("per_task", {}, gen, qkv_bias=False)
+    assert layer.q_bias is None and layer.kv.bias is None
+    assert_layer_matches(layer, reference_attention, x, task_ids, gen)
+
+
+@pytest.mark.parametrize(("kind", "kwargs", "stochastic"), ROUTER_CONFIGS, ids=ROUTER_IDS)
+def test_grouped_mm_matches_loop_float32(kind, kwargs, stochastic, monkeypatch):
+    x, task_ids, gen = _inputs(0, dtype=torch.float32, batch=4, tokens=16, dim=16)
+    layer = _layer(kind, kwargs, gen, never=1, dtype=torch.float32, dim=16, head_dim=8).eval()
+    results = []
+    for flag in ("1", "0"):
+        monkeypatch.setenv("MODSQUAD_GROUPED_MM", flag)
+        xg = x.clone().requires_grad_()
+        out = layer(xg, task_ids)
+        out.square().sum().backward()
+        results.append([out.detach(), xg.grad] + [p.grad.clone() for p in layer.parameters() if p.grad is not None])
+        layer.zero_grad(set_to_none=True)
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("kind", "kwargs", "stochastic"), ROUTER_CONFIGS, ids=ROUTER_IDS)
+def test_mixed_tasks_equal_per_task_forwards(kind, kwargs, stochastic):
+    x, _, gen = _inputs(1, batch=6)
+    task_ids = torch.tensor([2, 0, 1, 0, 2, 2])
+    layer = _layer(kind, kwargs, gen).eval()
+    together = layer(x, task_ids)
+    for t in range(TASKS):
+        rows = task_ids == t
+        torch.testing.assert_close(together[rows], layer(x[rows], t), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize(("kind", "param"), [("per_task", "weight"), ("task_conditioned", "task_embed"),
+                                             ("task_level", "task_logits")])
+def test_changing_one_tasks_gate_leaves_other_tasks_alone(kind, param):
+    x, _, gen = _inputs(2, batch=4)
+    task_ids = torch.tensor([0, 1, 0, 1])
+    layer = _layer(kind, {}, gen).eval()
+    before = layer(x, task_ids)
+    with torch.no_grad():
+        getattr(layer.router, param)[1].mul_(-3.0).add_(1.0)
+    after = layer(x, task_ids)
+    torch.testing.assert_close(after[task_ids == 0], before[task_ids == 0], rtol=0, atol=0)
+    assert not torch.allclose(after[task_ids == 1], before[task_ids == 1])
+
+
+def test_attributes_layout_and_usage():
+    layer = MoEAttention(16, 8, 6, 3, 2, router="task_conditioned")
+    assert (layer.num_experts, layer.top_k, layer.num_tasks, layer.router_kind) == (6, 3, 2, "task_conditioned")
+    assert layer.q_weight.shape == (6, 16, 8) and layer.o_weight.shape == (6, 8, 16)
+    assert layer.kv.weight.shape == (16, 16) and layer.o_bias.shape == (16,)
+    out = layer(torch.randn(2, 5, 16), torch.tensor([0, 1]))
+    assert out.shape == (2, 5, 16)
+    assert layer.usage.sum() == 2 * 5 * 3
+    assert layer.last_routing[0].indices.shape == (10, 3)
+    with pytest.raises(ValueError, match="B, N, D"):
+        layer(torch.randn(5, 16), 0)
+
+
+def test_bfloat16_autocast():
+    x, task_ids, gen = _inputs(5, dtype=torch.float32, batch=2, tokens=8, dim=16)
+    layer = _layer("per_task", {}, gen, dtype=torch.float32, dim=16, head_dim=8)
+    ref = layer(x, task_ids)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x, task_ids)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    torch.testing.assert_close(out.float(), ref, rtol=0.1, atol=0.3)
+
+
+@pytest.mark.parametrize(("kind", "kwargs", "stochastic"), ROUTER_CONFIGS, ids=ROUTER_IDS)
+def test_all_experts_path_matches_dispatch(kind, kwargs, stochastic):
+    x, task_ids, gen = _inputs(6)
+    layer = _layer(kind, kwargs, gen, never=EXPERTS - 1).eval()
+    assert_layer_matches(layer, lambda m, t, ids: m.forward_all_experts(t, ids), x, task_ids, gen)
+
+
+def test_onnx_export_matches(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    x, task_ids, gen = _inputs(7, dtype=torch.float32, dim=16)
+    layer = _layer("task_conditioned", {}, gen, dtype=torch.float32, dim=16, head_dim=8).eval()
+    path = tmp_path / "moa.onnx"
+    torch.onnx.export(layer, (x, task_ids), str(path), input_names=["tokens", "task_ids"], dynamo=False,
+                      dynamic_axes={"tokens": {0: "batch", 1: "tokens"}, "task_ids": {0: "batch"}})
+    assert layer.usage.sum() == 0  # no usage counting while exporting
+    x2 = torch.randn(5, 7, 16, generator=gen)
+    ids2 = torch.tensor([0, 2, 1, 1, 0])
+    (out,) = ort.InferenceSession(str(path)).run(None, {"tokens": x2.numpy(), "task_ids": ids2.numpy()})
+    torch.testing.assert_close(torch.from_numpy(out), layer(x2, ids2), rtol=1e-4, atol=1e-5)
