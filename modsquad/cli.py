@@ -16,7 +16,7 @@ from . import __version__
 from .errors import UserError
 
 console = Console()
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 
 class _App(typer.Typer):
@@ -64,3 +64,356 @@ def main(version: bool = typer.Option(False, "--version", callback=_version, is_
 
 def _csv(value: str | None) -> list[str] | None:
     return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
+# --- data ------------------------------------------------------------------------------------------------------
+
+@data_app.command("synth")
+@user_errors
+def data_synth(out: Path = typer.Argument(..., help="Folder to write the suite to (Taskonomy layout)."),
+               images: int = typer.Option(256, "--images", help="Number of images."),
+               size: int = typer.Option(128, "--size", help="Image side in pixels."),
+               seed: int = typer.Option(0, "--seed", help="Random seed; the suite is deterministic in it."),
+               buildings: int = typer.Option(None, "--buildings", help="Scene families (split unit); default "
+                                             "max(3, min(8, images // 16))."),
+               workers: int = typer.Option(1, "--workers", help="Processes that render in parallel.")):
+    """Render the built-in synthetic suite: indoor scenes with exact labels for 14 Taskonomy domains."""
+    from .data import synthesize
+
+    s = synthesize(out, images=images, size=size, seed=seed, buildings=buildings, workers=workers)
+    if s.reused:
+        console.print(f"{out} already holds this suite ({s.images} images of {s.size}x{s.size}, seed {s.seed})")
+        return
+    console.print(f"wrote {s.images} images of {s.size}x{s.size} x {len(s.domains)} domains to {out} "
+                  f"in {s.seconds:.1f} s")
+    for split, names in s.splits.items():
+        console.print(f"  {split:5s} {len(names)} buildings: {' '.join(names)}", highlight=False)
+
+
+@data_app.command("check")
+@user_errors
+def data_check(root: Path = typer.Argument(..., help="Dataset root."),
+               format: str = typer.Option("taskonomy", "--format", help="taskonomy (also synthetic) or "
+                                          "pascal-context."),
+               tasks: str = typer.Option(None, "--tasks", help="Comma-separated tasks that must be trainable "
+                                         "(default: every task with a folder)."),
+               max_samples: int = typer.Option(None, "--max-samples", help="Check an evenly spread subset.")):
+    """List missing, unreadable and wrong-shaped files per domain; exit 2 if a requested task cannot be trained."""
+    from rich.table import Table
+
+    from .data import check_dataset
+
+    report = check_dataset(root, format, tasks=_csv(tasks), max_samples=max_samples)
+    table = Table(title=f"{root} ({report.format}, {report.samples} samples)")
+    for col in ("domain", "found", "missing", "unreadable", "wrong shape"):
+        table.add_column(col, justify="left" if col == "domain" else "right")
+    for rep in report.domains.values():
+        table.add_row(rep.domain, str(rep.found), str(len(rep.missing)), str(len(rep.unreadable)),
+                      str(len(rep.wrong_shape)))
+    console.print(table)
+    for rep in report.domains.values():
+        for kind, items in (("missing", rep.missing), ("unreadable", rep.unreadable), ("wrong shape", rep.wrong_shape)):
+            for item in items[:5]:
+                console.print(f"  {rep.domain} {kind}: {item}", highlight=False, soft_wrap=True)
+            if len(items) > 5:
+                console.print(f"  {rep.domain} {kind}: ... and {len(items) - 5} more", highlight=False, soft_wrap=True)
+    for building, domains in list(report.buildings_missing.items())[:20]:
+        console.print(f"  building {building} lacks files of: {', '.join(domains)}", highlight=False, soft_wrap=True)
+    report.raise_for(_csv(tasks))
+    console.print(f"[green]ok[/] for {', '.join(report.tasks) or 'rgb only'}")
+
+
+# --- train and eval --------------------------------------------------------------------------------------------
+
+@app.command("train")
+@user_errors
+def train_cmd(config: Path = typer.Option(None, "--config", "-c", help="Run config (configs/*.yaml). With "
+                                          "--resume it defaults to the run's own config.yaml."),
+              overrides: list[str] = typer.Option([], "--set", help="Override a config key, e.g. --set "
+                                                  "train.epochs=2 (repeatable)."),
+              out: Path = typer.Option(None, "--out", help="Run directory (default: output.dir, else runs/<name>)."),
+              resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its state.pt."),
+              stop_after: int = typer.Option(None, "--stop-after", help="Stop (with a checkpoint) after this many "
+                                             "steps in all, keeping the schedule; continue later with --resume."),
+              from_run: Path = typer.Option(None, "--from", help="Trained run (or checkpoint) to add tasks to; "
+                                            "its config.yaml is the base config (change it with --set)."),
+              add_tasks: str = typer.Option(None, "--add-tasks", help="Comma-separated new tasks (with --from)."),
+              freeze: str = typer.Option("none", "--freeze", help="With --from: experts (train only the new tasks' "
+                                         "routers, embeddings and heads; old tasks stay bit-identical), backbone "
+                                         "(only new heads) or none (everything)."),
+              router_init_from: str = typer.Option(None, "--router-init-from", help="With --from: start the new "
+                                                   "tasks' routers from this old task's (reuse its experts).")):
+    """Train a multi-task model: writes config.yaml, last/best.safetensors, state.pt and metrics.jsonl.
+
+    Example: modsquad train --config configs/synthetic_tiny.yaml --set train.epochs=2 --out runs/tiny.
+    Multi-GPU: torchrun --nproc_per_node 8 --no-python modsquad train --config configs/taskonomy_vit_s.yaml.
+    Add a task: modsquad train --from runs/tiny --add-tasks reshading --freeze experts --set train.steps=100.
+    """
+    from .errors import ConfigError
+
+    if from_run is not None or add_tasks is not None or (resume and out and (out / "grow.json").is_file()):
+        result = _train_add_tasks(config, overrides, out, resume, stop_after, from_run, add_tasks, freeze,
+                                  router_init_from)
+    elif router_init_from is not None or freeze != "none":
+        raise ConfigError("--freeze and --router-init-from need --from RUN --add-tasks TASK[,TASK]")
+    else:
+        result = _train(config, overrides, out, resume, stop_after)
+    if result.interrupted:
+        raise typer.Exit(130)
+    best = f", best score {result.best_score:+.2f}" if result.best_score is not None else ""
+    console.print(f"[green]done[/]: {result.step}/{result.total_steps} steps in {result.out}{best}")
+
+
+def _train_add_tasks(config, overrides, out, resume, stop_after, from_run, add_tasks, freeze, router_init_from):
+    """`train --from RUN --add-tasks X,Y` (and its --resume): grow, freeze and train the new tasks."""
+    from .engine.transfer import train_add_tasks
+    from .errors import ConfigError
+
+    if config is not None:
+        raise ConfigError("--config cannot be combined with --from: the source run's config.yaml is the base "
+                          "(change it with --set)")
+    if resume and (from_run is not None or add_tasks is not None):
+        raise ConfigError("--resume continues an add-tasks run from its grow.json; drop --from/--add-tasks")
+    if not resume and (from_run is None or not _csv(add_tasks)):
+        raise ConfigError("adding tasks needs both --from RUN and --add-tasks TASK[,TASK]")
+    return train_add_tasks(from_run, _csv(add_tasks), out, freeze=freeze, router_init_from=router_init_from,
+                           overrides=overrides, resume=resume, stop_after=stop_after, console=console)
+
+
+def _train(config, overrides, out, resume, stop_after):
+    from .config import load_config
+    from .engine import train
+    from .errors import ConfigError
+
+    if config is None:
+        if not (resume and out):
+            raise ConfigError("--config is required (only `--resume --out RUN` can reuse the run's config.yaml)")
+        config = out / "config.yaml"
+    return train(load_config(config, overrides), out, resume=resume, stop_after=stop_after, console=console)
+
+
+def _task_paths(items: list[str]) -> dict[str, str]:
+    from .errors import ConfigError
+
+    pairs = [item.partition("=") for item in items]
+    bad = [item for item, (task, sep, path) in zip(items, pairs, strict=True) if not (sep and task and path)]
+    if bad:
+        raise ConfigError(f"--task-baseline {bad[0]!r}: expected TASK=RUN_OR_METRICS_JSON")
+    return {task.strip(): path.strip() for task, _, path in pairs}
+
+
+@app.command("eval")
+@user_errors
+def eval_cmd(checkpoint: Path = typer.Argument(..., help="Run directory (best, else last checkpoint) or a "
+                                               ".safetensors file beside its config.yaml."),
+             split: str = typer.Option(None, "--split", help="Split to score (default: the run's eval.split, val)."),
+             baseline: list[Path] = typer.Option([], "--baseline", help="Baseline run directory or metrics JSON "
+                                                 "for delta_m (repeatable; merged per task)."),
+             task_baseline: list[str] = typer.Option([], "--task-baseline", help="Single-task baseline, "
+                                                     "TASK=RUN_OR_METRICS_JSON (repeatable)."),
+             data_root: Path = typer.Option(None, "--data-root", help="Dataset root instead of the run's data.root."),
+             out: Path = typer.Option(None, "--out", help="Folder for the metrics file (default: the run directory)."),
+             batch_size: int = typer.Option(None, "--batch-size", help="Images per forward."),
+             max_images: int = typer.Option(None, "--max-images", help="Score an evenly spread subset."),
+             device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+             visualize: int = typer.Option(0, "--visualize", help="Draw this many predictions into OUT/predictions.")):
+    """Per-task metrics of a checkpoint -> metrics.json (metrics_<split>.json for other splits), + delta_m.
+
+    Example: modsquad eval runs/tiny --baseline runs/tiny_dense.
+    """
+    from .engine import evaluate
+    from .engine.evaluate import metrics_table
+
+    result = evaluate(checkpoint, split, baseline or None, data_root=data_root, out=out,
+                      task_baselines=_task_paths(task_baseline) or None, batch_size=batch_size,
+                      max_images=max_images, device=device, visualize=visualize)
+    console.print(metrics_table(result))
+    console.print(f"wrote {result['file']}", highlight=False, soft_wrap=True)
+
+
+# --- compare ------------------------------------------------------------------------------------------------
+
+@app.command("compare")
+@user_errors
+def compare_cmd(runs: list[Path] = typer.Argument(..., help="Run directories (each evaluated: metrics.json)."),
+                baseline: Path | None = typer.Option(None, "--baseline", help="Run for delta_m (default: the first "
+                                                     "dense run among RUNS, else none)."),
+                out: Path = typer.Option(Path("compare_out"), "--out", help="Where compare.md, compare.json and "
+                                         "compare.png go."),
+                split: str = typer.Option("val", "--split", help="Which metrics file to read (metrics.json = val)."),
+                flops: bool = typer.Option(True, "--flops/--no-flops", help="Count active FLOPs per image.")):
+    """One table (and PNG) of every run's task metrics, delta_m, params, active FLOPs and expert-usage sparsity.
+
+    Example: modsquad compare runs/dense runs/per_task runs/task_level --baseline runs/dense.
+    """
+    from .engine.compare import compare_runs, compare_table, write_compare
+
+    result = compare_runs(runs, baseline, split=split, flops=flops)
+    paths = write_compare(result, out)
+    console.print(compare_table(result))
+    console.print(f"wrote {paths['md']}, {paths['json']} and {paths['png']}", highlight=False, soft_wrap=True)
+
+
+# --- bench and demo ----------------------------------------------------------------------------------------
+
+def _batch_sizes(value: str) -> list[int]:
+    from .errors import ConfigError
+
+    try:
+        sizes = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        sizes = []
+    if not 1 <= len(sizes) <= 2 or min(sizes) < 1:
+        raise ConfigError(f"--batch {value!r}: give one or two positive ints, latency,throughput (e.g. 1,32)")
+    return sizes
+
+
+@app.command()
+@user_errors
+def bench(checkpoint: Path = typer.Argument(..., help="Run directory or .safetensors checkpoint of the full model."),
+          extracted: Path = typer.Option(..., "--extracted", help="Directory written by `modsquad extract`."),
+          out: Path = typer.Option(Path("bench_out"), "--out", help="Where bench.json, bench.md, bench.png go."),
+          tasks: str | None = typer.Option(None, "--tasks", help="Comma-separated tasks (default: all extracted)."),
+          batch: str = typer.Option("1,32", "--batch", help="Latency and throughput batch sizes."),
+          device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
+          repeats: int = typer.Option(20, "--repeats", help="Timed forwards per model and batch size."),
+          warmup: int = typer.Option(3, "--warmup", help="Untimed forwards before timing."),
+          data: Path | None = typer.Option(None, "--data", help="Dataset root for metrics (default: run config)."),
+          split: str | None = typer.Option(None, "--split", help="Split for metrics (default: the config's)."),
+          max_images: int = typer.Option(64, "--max-images", help="Images evaluated for metrics (0: none)."),
+          threads: int | None = typer.Option(None, "--threads", help="CPU threads while measuring.")):
+    """Pruned vs full: params, FLOPs, latency, throughput, peak memory and metrics -> bench.json/md/png."""
+    from .bench import benchmark, summary_table, write_report
+
+    result = benchmark(checkpoint, extracted, tasks=_csv(tasks), batch_sizes=_batch_sizes(batch), device=device,
+                       repeats=repeats, warmup=warmup, data=data, split=split, max_images=max_images,
+                       threads=threads, progress=True)
+    paths = write_report(result, out)
+    console.print(summary_table(result))
+    for kind, path in paths.items():
+        console.print(f"{kind:>4}: {path}")
+
+
+@app.command()
+@user_errors
+def demo(out: Path = typer.Option(Path("demo_out"), "--out", help="Folder for every artefact of the demo."),
+         quick: bool = typer.Option(False, "--quick", help="A smaller, faster run (tests, smoke checks)."),
+         images: int | None = typer.Option(None, "--images", help="Synthetic images to render."),
+         steps: int | None = typer.Option(None, "--steps", help="Training steps."),
+         size: int | None = typer.Option(None, "--size", help="Image size in pixels."),
+         device: str = typer.Option("cpu", "--device", help="cpu, cuda or auto."),
+         threads: int = typer.Option(1, "--threads", help="torch CPU threads (1 suits the tiny model best).")):
+    """Synthesise a suite, train with the MI loss, evaluate, extract every task, benchmark pruned vs full."""
+    from .demo import run_demo
+
+    run_demo(out, images=images, steps=steps, size=size, quick=quick, device=device, threads=threads,
+             console=console)
+
+
+# --- usage, extract, predict -------------------------------------------------------------------------------
+
+_DATA_HELP = "Dataset root to count usage on (default: the run's validation data)."
+_FORMAT_HELP = "Format of --data: taskonomy, pascal_context or synthetic (default: the run's)."
+
+
+def _usage_table(report: dict):
+    """Per task and MoE layer: experts carrying 90% / 99% of the task's routing mass."""
+    from rich.table import Table
+
+    mass, layers = report["experts_for_mass"], report["layers"]
+    total = sum(d["num_experts"] for d in layers)
+    table = Table(title="Experts carrying 90%/99% of each task's routing (columns: layer, experts, top-k)",
+                  title_justify="left")
+    table.add_column("task", overflow="fold")
+    for d in layers:
+        table.add_column(f"{d['name'].removeprefix('blocks.')}\n{d['num_experts']}, k{d['top_k']}", justify="right")
+    table.add_column(f"all\nof {total}", justify="right")
+    for task in report["tasks"]:
+        n90, n99 = mass["0.9"][task], mass["0.99"][task]
+        cells = [f"{n90[d['name']]}/{n99[d['name']]}" for d in layers]
+        table.add_row(task, *cells, f"{sum(n90.values())}/{sum(n99.values())}")
+    return table
+
+
+@app.command("usage")
+@user_errors
+def usage_cmd(checkpoint: Path = typer.Argument(..., help="Run directory or .safetensors checkpoint."),
+              out: Path | None = typer.Option(None, "--out", help="Folder for usage.json and usage.png "
+                                              "(default: the checkpoint's folder)."),
+              data: Path | None = typer.Option(None, "--data", help=_DATA_HELP),
+              data_format: str | None = typer.Option(None, "--format", help=_FORMAT_HELP),
+              split: str | None = typer.Option(None, "--split", help="Split of the data (default: val)."),
+              max_images: int | None = typer.Option(None, "--max-images", help="Use at most this many images."),
+              batch_size: int | None = typer.Option(None, "--batch-size", help="Images per forward."),
+              workers: int = typer.Option(0, "--workers", help="DataLoader worker processes."),
+              device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.")):
+    """Count how often each task selects each expert of every MoE layer -> usage.json, usage.png."""
+    from .engine.checkpoint import resolve_checkpoint
+    from .extract.usage import compute_usage, save_usage
+
+    report = compute_usage(checkpoint, data=data, data_format=data_format, split=split, max_images=max_images,
+                           batch_size=batch_size, workers=workers, device=device)
+    json_path, png_path = save_usage(report, out if out is not None else resolve_checkpoint(checkpoint).parent)
+    console.print(_usage_table(report))
+    console.print(f"{report['data'].get('images', 0)} images; wrote {json_path} and {png_path}")
+
+
+@app.command("extract")
+@user_errors
+def extract_cmd(checkpoint: Path = typer.Argument(..., help="Run directory or .safetensors checkpoint."),
+                out: Path = typer.Option(..., "--out", help="Folder for one <task>/ directory per task."),
+                tasks: str | None = typer.Option(None, "--tasks", help="Comma-separated tasks (default: all)."),
+                threshold: float | None = typer.Option(None, "--threshold", help="Keep experts whose usage share "
+                                                       "exceeds T, in [0, 1) (default: every expert used once)."),
+                mass: float | None = typer.Option(None, "--mass", help="Keep the fewest experts carrying this "
+                                                  "share of the routing, in (0, 1]."),
+                usage: Path | None = typer.Option(None, "--usage", help="usage.json from `modsquad usage` "
+                                                  "(default: count usage now)."),
+                data: Path | None = typer.Option(None, "--data", help=_DATA_HELP),
+                data_format: str | None = typer.Option(None, "--format", help=_FORMAT_HELP),
+                split: str | None = typer.Option(None, "--split", help="Split of the data (default: val)."),
+                max_images: int | None = typer.Option(None, "--max-images", help="Count usage on at most N images."),
+                batch_size: int | None = typer.Option(None, "--batch-size", help="Images per forward."),
+                workers: int = typer.Option(0, "--workers", help="DataLoader worker processes."),
+                onnx: bool = typer.Option(False, "--onnx", help="Also export model.onnx, checked with onnxruntime."),
+                check_images: int = typer.Option(4, "--check-images", help="Images to compare with the full model."),
+                device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.")):
+    """Write a standalone model per task with only the experts it uses -> OUT/<task>/{model.safetensors, config.json}."""
+    from rich.table import Table
+
+    from .extract.export import extract
+
+    results = extract(checkpoint, out, tasks=_csv(tasks), threshold=threshold, mass=mass, usage=usage, data=data,
+                      data_format=data_format, split=split, max_images=max_images, batch_size=batch_size,
+                      workers=workers, onnx=onnx, check_images=check_images, device=device)
+    full = next(iter(results.values()))["params"]["full"]
+    table = Table(title=f"Extracted into {out} (full model: {full:,} params)", title_justify="left")
+    for col in ("task", "experts kept", "params", "max |diff|", *(["onnx |diff|"] if onnx else [])):
+        table.add_column(col, justify="left" if col == "task" else "right", overflow="fold")
+    for task, r in results.items():
+        p = r["params"]
+        kept = f"{sum(map(len, r['kept'].values()))}/{r['experts_total']}" + (" folded" if r["folded"] else "")
+        row = [task, kept, f"{p['extracted']:,} ({100 * p['extracted'] / p['full']:.0f}%)", f"{r['max_abs_diff']:.1e}"]
+        table.add_row(*row, *([f"{r['onnx']['max_abs_diff']:.1e}"] if onnx else []))
+    console.print(table)
+    check = next(iter(results.values()))["check_images"]
+    console.print(f"max |diff|: largest difference to the full model's output on {check['count']} {check['kind']}")
+
+
+@app.command("predict")
+@user_errors
+def predict_cmd(model: Path = typer.Argument(..., help="Extracted model directory (OUT/<task>), or a full "
+                                             "checkpoint / run directory."),
+                images: list[Path] = typer.Argument(..., help="Image files (any size)."),
+                out: Path | None = typer.Option(None, "--out", help="Folder for <stem>_<task>.png "
+                                                "(default: next to each image)."),
+                task: str | None = typer.Option(None, "--task", help="Comma-separated tasks of a full model "
+                                                "(default: all)."),
+                batch_size: int = typer.Option(8, "--batch-size", help="Images per forward."),
+                device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.")):
+    """Predict image files with a standalone (or full) model and write colourised PNGs."""
+    from .predict import predict_images
+
+    paths = predict_images(model, images, out=out, tasks=_csv(task), device=device, batch_size=batch_size)
+    for path in paths:
+        console.print(str(path), highlight=False)

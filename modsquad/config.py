@@ -83,7 +83,7 @@ class TrainConfig:
     eval_every: int = 0  # steps between evaluations; 0 = after every epoch
     weighting: str = "equal"  # equal | uncertainty | dwa (engine/weighting.py)
     weighting_kwargs: dict[str, Any] = field(default_factory=dict)
-    drop_path: float = 0.0
+    drop_path: float | None = None  # null: the model preset's own drop_path_rate
     init_from: str | None = None  # dense timm checkpoint (name or path) to initialise from
     device: str = "auto"  # auto | cpu | cuda | cuda:N
 
@@ -362,7 +362,7 @@ def _validate(cfg: DictConfig, source: str) -> None:
             fail(key, f"must be >= 0; got {value}")
     if cfg.train.epochs == 0 and cfg.train.steps == 0:
         fail("train.epochs", "set train.epochs or train.steps to more than 0")
-    if not 0.0 <= cfg.train.drop_path < 1.0:
+    if cfg.train.drop_path is not None and not 0.0 <= cfg.train.drop_path < 1.0:
         fail("train.drop_path", f"must be in [0, 1); got {cfg.train.drop_path}")
     if cfg.train.clip_grad is not None and cfg.train.clip_grad <= 0:
         fail("train.clip_grad", f"must be > 0 or null; got {cfg.train.clip_grad}")

@@ -258,7 +258,8 @@ class Trainer:
 
         cfg = self.cfg
         overrides = OmegaConf.to_container(cfg.model.overrides, resolve=True)
-        overrides.setdefault("drop_path_rate", cfg.train.drop_path)
+        if cfg.train.drop_path is not None:
+            overrides.setdefault("drop_path_rate", cfg.train.drop_path)
         aux = {"task_prior": cfg.aux.task_prior, **dict(overrides.get("aux_losses") or {})}
         if cfg.model.name.startswith("dense_") or overrides.get("router") == "dense":
             aux = None  # a dense model has no routers; leave its aux config at the default
