@@ -58,12 +58,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model-batch", type=int, default=2, help="images per task")
     p.add_argument("--model-repeats", type=int, default=3)
     p.add_argument("--skip-model", action="store_true")
-    p.add_argument("--quick", action="store_true", help="tiny sizes and few repeats (smoke test)")
+    p.add_argument("--skip-layers", action="store_true")
+    p.add_argument("--quick", action="store_true", help="tiny sizes, few repeats, one thread (smoke test)")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
     if args.quick:
         args.tokens, args.seq_len, args.dim, args.experts = 256, 32, 64, 4
         args.repeats, args.warmup, args.model_img_size, args.model_batch, args.model_repeats = 2, 1, 32, 1, 1
+        args.threads = args.threads or 1  # tiny ops on a shared machine: threads only add barrier waits
     unknown = set(args.dtypes.split(",")) - set(DTYPES)
     if unknown:
         p.error(f"--dtypes: unknown {sorted(unknown)}; choose from {sorted(DTYPES)}")
@@ -222,6 +224,15 @@ def bench_model(args, device: torch.device, console: Console) -> dict:
 
 
 def print_tables(console: Console, rows: list[dict], model: dict) -> None:
+    if rows:
+        _print_layer_table(console, rows)
+    if "speedup" in model:
+        console.print(f"{model['model']} ({len(model['tasks'])} tasks, {model['batch']} images "
+                      f"{model['img_size']}px): one forward {model['together_ms']:.1f} ms vs per-task forwards "
+                      f"{model['per_task_ms']:.1f} ms = {model['speedup']:.2f}x")
+
+
+def _print_layer_table(console: Console, rows: list[dict]) -> None:
     table = Table(title="MoE layers vs timm dense at equal active FLOPs (median ms)")
     for col in ("layer", "dtype", "impl", "GFLOPs", "fwd ms", "fwd+bwd ms", "fwd / dense", "fwd+bwd / dense"):
         table.add_column(col, justify="left" if col in ("layer", "dtype", "impl") else "right")
@@ -229,10 +240,6 @@ def print_tables(console: Console, rows: list[dict], model: dict) -> None:
         table.add_row(r["layer"], r["dtype"], r["impl"], f"{r['gflops']:.2f}", f"{r['fwd_ms']:.2f}",
                       f"{r['fwd_bwd_ms']:.2f}", f"{r['fwd_vs_dense']:.2f}x", f"{r['fwd_bwd_vs_dense']:.2f}x")
     console.print(table)
-    if "speedup" in model:
-        console.print(f"{model['model']} ({len(model['tasks'])} tasks, {model['batch']} images "
-                      f"{model['img_size']}px): one forward {model['together_ms']:.1f} ms vs per-task forwards "
-                      f"{model['per_task_ms']:.1f} ms = {model['speedup']:.2f}x")
 
 
 def main(argv=None) -> int:
@@ -245,7 +252,7 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     console.print(f"torch {torch.__version__} on {device} ({torch.get_num_threads()} threads); tokens {args.tokens}, "
                   f"dim {args.dim}, {args.experts} experts, top-{args.top_k}")
-    rows = bench_layers(args, device, console)
+    rows = [] if args.skip_layers else bench_layers(args, device, console)
     model = {"skipped": "--skip-model"} if args.skip_model else bench_model(args, device, console)
     print_tables(console, rows, model)
     result = dict(device=str(device), torch=torch.__version__, threads=torch.get_num_threads(),

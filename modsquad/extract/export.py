@@ -22,11 +22,10 @@ from copy import deepcopy
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CheckpointError, UnknownNameError
-from ..moe import MoEAttention, MoEMlp, TaskLevelRouter
+from ..moe import TaskLevelRouter
 from .prune import check_selection, count_params, extract_task, select_experts
 from .standalone import (
     CONFIG_NAME,
@@ -99,63 +98,14 @@ def publish(staged: Path, out: Path, names: Sequence[str]) -> None:
 
 # --- ONNX ---------------------------------------------------------------------------------------------------
 
-class _DenseRoutedMlp(nn.Module):
-    """ONNX form of a one-task MoE MLP: every kept expert on every token, weighted by the top-k gates (zero for
-    unchosen experts). No data-dependent shapes, so it traces; the kept experts are few after extraction."""
-
-    def __init__(self, layer: MoEMlp):
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, x: torch.Tensor, task_ids=None) -> torch.Tensor:
-        layer = self.layer
-        shape = x.shape
-        x = x.reshape(-1, shape[-1])
-        gates = _onnx_gates(layer, x)  # [T, E]
-        h = layer.act(torch.einsum("td,edh->teh", x, layer.fc1.weight) + layer.fc1.bias)
-        y = torch.einsum("teh,ehd->ted", h, layer.fc2.weight) + layer.fc2.bias  # [T, E, D]
-        return (gates.unsqueeze(-1) * y).sum(1).view(shape)
-
-
-class _DenseRoutedAttention(nn.Module):
-    """ONNX form of a one-task MoE attention layer: every kept expert is a head, outputs weighted by the gates."""
-
-    def __init__(self, layer: MoEAttention):
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, x: torch.Tensor, task_ids=None) -> torch.Tensor:
-        layer = self.layer
-        B, N, D = x.shape
-        E, hd = layer.num_experts, layer.head_dim
-        gates = _onnx_gates(layer, x.reshape(B * N, D)).view(B, N, E)
-        q = torch.einsum("bnd,edh->behn", x, layer.q_weight)
-        if layer.q_bias is not None:
-            q = q + layer.q_bias[None, :, :, None]
-        q = q.transpose(2, 3)  # [B, E, N, hd]
-        key, value = layer.kv(x).view(B, 1, N, 2, hd).unbind(3)
-        o = F.scaled_dot_product_attention(q, key.expand(-1, E, -1, -1), value.expand(-1, E, -1, -1))
-        y = torch.einsum("benh,ehd->bned", o, layer.o_weight)  # [B, N, E, D]
-        return (gates.unsqueeze(-1) * y).sum(2) + layer.o_bias
-
-
-def _onnx_gates(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """x: [T, D] -> [T, E] top-k gate weights (softmax over the chosen logits) scattered over all experts."""
-    task_ids = torch.zeros_like(x[:, 0], dtype=torch.long)
-    logits = layer.router.gate_logits(x, task_ids).float()
-    top, idx = logits.topk(layer.top_k, dim=-1)
-    return torch.zeros_like(logits).scatter(1, idx, top.softmax(-1)).to(x.dtype)
-
-
 def onnx_module(sub: ExtractedModel) -> nn.Module:
-    """A copy of `sub` whose remaining MoE layers compute densely over their kept experts (traceable)."""
+    """A copy of `sub` for export. Remaining MoE layers switch to their static-shape path (every kept expert on
+    every token, weighted by the top-k gates) by themselves while tracing (`modsquad.moe.routers.is_exporting`);
+    `task_level` layers must have been folded first."""
     sub = deepcopy(sub).eval()
     for name, layer in sub.model.moe_layers():
         if isinstance(layer.router, TaskLevelRouter):
             raise ValueError(f"{name}: fold task_level layers before exporting (fold_moe_layers)")
-        dense = _DenseRoutedMlp(layer) if isinstance(layer, MoEMlp) else _DenseRoutedAttention(layer)
-        parent, _, child = name.rpartition(".")
-        setattr(sub.model.get_submodule(parent), child, dense)
     return sub
 
 

@@ -193,7 +193,8 @@ def _probe_grouped_mm(device: torch.device, dtype: torch.dtype) -> bool:
     if not hasattr(F, "grouped_mm") or device.type == "meta":
         return False
     try:
-        with torch.enable_grad(), torch.autocast(device.type, enabled=False):
+        # inference_mode(False): a first call made under inference_mode must not cache a spurious "unsupported"
+        with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
             gen = torch.Generator().manual_seed(0)
             x = torch.randn(6, 16, generator=gen).to(device, dtype).requires_grad_()
             w = torch.randn(2, 16, 16, generator=gen).to(device, dtype).requires_grad_()
@@ -203,7 +204,8 @@ def _probe_grouped_mm(device: torch.device, dtype: torch.dtype) -> bool:
             grads = torch.autograd.grad(y, (x, w), torch.ones_like(y))
             ref_grads = torch.autograd.grad(ref, (x, w), torch.ones_like(ref))
         tol = dict(rtol=5e-2, atol=5e-1)  # catches wrong results, not rounding (bf16 sums of 16 products)
-        return all(torch.allclose(a.float(), b.float(), **tol) for a, b in zip((y, *grads), (ref, *ref_grads), strict=True))
+        pairs = zip((y, *grads), (ref, *ref_grads), strict=True)
+        return all(torch.allclose(a.float(), b.float(), **tol) for a, b in pairs)
     except Exception:  # any failure (missing kernel, dtype, device capability) means: use the loop
         return False
 

@@ -128,3 +128,29 @@ def test_grouped_mm_selection(env, dims, expected_calls, monkeypatch):
     x, w = torch.randn(8, dims[0]), torch.randn(4, *dims)
     torch.testing.assert_close(grouped_matmul(x, w, plan), _per_row(x, w, plan))
     assert len(calls) == expected_calls
+
+
+@pytest.mark.parametrize("host_splits", [True, False], ids=["in-place-slices", "gathered-rows"])
+def test_expert_bias_both_ways(host_splits):
+    """The CPU path adds bias per expert slice; accelerators gather the bias rows (no host sync)."""
+    gen = torch.Generator().manual_seed(2)
+    plan = plan_dispatch(INDICES, num_experts=5)
+    out = torch.randn(8, 4, dtype=torch.float64, generator=gen, requires_grad=True)
+    bias = torch.randn(5, 4, dtype=torch.float64, generator=gen, requires_grad=True)
+    splits = plan.splits if host_splits else None
+    y = dispatch._AddExpertBias.apply(out.clone(), bias, plan.expert_one_hot(torch.float64), plan.expert_index, splits)
+    ref = out + bias[plan.expert_index]
+    torch.testing.assert_close(y, ref)
+    g = torch.randn(8, 4, dtype=torch.float64, generator=gen)
+    for a, r in zip(torch.autograd.grad(y, (out, bias), g), torch.autograd.grad(ref, (out, bias), g), strict=True):
+        torch.testing.assert_close(a, r)
+
+
+def test_probe_under_inference_mode_is_not_cached_as_unsupported(monkeypatch):
+    """A process whose first MoE forward runs under inference_mode must still get grouped_mm afterwards."""
+    from modsquad.moe import dispatch
+
+    monkeypatch.setattr(dispatch, "_GROUPED_MM_SUPPORT", {})
+    expected = dispatch._probe_grouped_mm(torch.device("cpu"), torch.float32)
+    with torch.inference_mode():
+        assert dispatch.grouped_mm_supported("cpu", torch.float32) == expected
