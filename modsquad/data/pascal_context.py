@@ -20,12 +20,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from torch.utils.data import Dataset
 
 from ..errors import DataError, UnknownNameError
 from ..tasks.registry import IGNORE_INDEX, PASCAL_CONTEXT_TASKS, get_task
 from .io import read_label_png, read_mat, read_rgb
-from .taskonomy import ON_ERROR, evenly_spaced, finish_targets
+from .taskonomy import ON_ERROR, SkippingDataset, evenly_spaced, finish_targets
 from .transforms import JointTransform
 
 log = logging.getLogger(__name__)
@@ -137,7 +136,7 @@ def decode_label(root: str | Path, task: str, image_id: str, hw: tuple[int, int]
     return target, valid
 
 
-class PascalContextDataset(Dataset):
+class PascalContextDataset(SkippingDataset):
     """PASCAL-Context multi-task samples `{"image", "targets", "masks", "id"}` (layouts as in the task registry).
 
     semseg / human_parts: long [S, S] with IGNORE_INDEX where unlabelled (human_parts is all ignored on images
@@ -186,17 +185,11 @@ class PascalContextDataset(Dataset):
     def __len__(self) -> int:
         return len(self.ids)
 
-    def __getitem__(self, index: int) -> dict:
-        for _ in range(min(len(self), 20)):
-            try:
-                return self._load(index)
-            except DataError as e:
-                if self.on_error == "raise":
-                    raise
-                log.warning("skipping %s: %s", self.ids[index], e)
-                self.skipped += 1
-                index = (index + 1) % len(self)
-        raise DataError(f"too many unreadable images in a row under {self.root / 'JPEGImages'}")
+    def sample_id(self, index: int) -> str:
+        return self.ids[index]
+
+    def image_dir(self) -> Path:
+        return self.root / "JPEGImages"
 
     def _load(self, index: int) -> dict:
         image_id = self.ids[index]

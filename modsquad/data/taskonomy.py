@@ -165,7 +165,30 @@ def evenly_spaced(n: int, k: int | None) -> np.ndarray:
     return np.unique(np.linspace(0, n - 1, max(k, 1)).round().astype(np.int64))
 
 
-class TaskonomyDataset(Dataset):
+class SkippingDataset(Dataset):
+    """A dataset whose `on_error="skip"` mode moves past unreadable samples instead of failing.
+
+    Subclasses set `on_error` and `skipped`, and define `_load(index)`, `sample_id(index)` and `image_dir()`.
+    """
+
+    on_error: str = "raise"
+    skipped: int = 0
+    max_skips_in_a_row = 20
+
+    def __getitem__(self, index: int) -> dict:
+        for _ in range(min(len(self), self.max_skips_in_a_row)):
+            try:
+                return self._load(index)
+            except DataError as e:
+                if self.on_error == "raise":
+                    raise
+                log.warning("skipping %s: %s", self.sample_id(index), e)
+                self.skipped += 1
+                index = (index + 1) % len(self)
+        raise DataError(f"too many unreadable images in a row under {self.image_dir()} (last at {index})")
+
+
+class TaskonomyDataset(SkippingDataset):
     """Taskonomy-layout images with the labels of `tasks`, as `{"image", "targets", "masks", "id"}` samples.
 
     image: float32 [3, S, S] normalised with the ImageNet mean/std; targets/masks per task as the task registry
@@ -239,17 +262,8 @@ class TaskonomyDataset(Dataset):
         b, p, v = self.samples[index]
         return f"{b}/point_{p}_view_{v}"
 
-    def __getitem__(self, index: int) -> dict:
-        for _ in range(min(len(self), 20)):
-            try:
-                return self._load(index)
-            except DataError as e:
-                if self.on_error == "raise":
-                    raise
-                log.warning("skipping %s: %s", self.sample_id(index), e)
-                self.skipped += 1
-                index = (index + 1) % len(self)
-        raise DataError(f"too many unreadable images in a row under {self.root / 'rgb'} (last at {index})")
+    def image_dir(self) -> Path:
+        return self.root / "rgb"
 
     def _load(self, index: int) -> dict:
         key = self.samples[index]
