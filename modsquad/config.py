@@ -54,7 +54,7 @@ class DataConfig:
     split_set: str = "tiny"  # Taskonomy building split table: tiny | medium | full | fullplus
     train_split: str = "train"
     val_split: str = "val"
-    max_images: int | None = None  # cap per split (None = all)
+    max_images: int | None = None  # cap on training images (low-resource / few-shot runs); None = all
     resize: int | None = None  # shorter side before the random/centre crop of model.img_size (None = none)
     hflip: bool = True
     workers: int = 2
@@ -102,7 +102,7 @@ class AuxConfig:
 class EvalConfig:
     split: str = "val"
     batch_size: int | None = None  # None = data.batch_size
-    max_images: int | None = None
+    max_images: int | None = None  # cap on validation images (evenly spread); None = all
     baseline: str | None = None  # run dir or metrics.json of a multi-task baseline, for delta_m
     task_baselines: dict[str, str] = field(default_factory=dict)  # task -> single-task run dir / metrics.json
     edge_tolerance_px: float | None = None  # None = 0.0075 x image diagonal (SEISM maxDist)

@@ -132,6 +132,10 @@ def _extra_flop_formulas() -> dict:
 @torch.inference_mode()
 def count_flops(fn: Callable[[torch.Tensor], Any], x: torch.Tensor) -> int:
     """Forward FLOPs of `fn(x)` (multiply-add = 2) for the whole batch `x`."""
+    from ..moe.dispatch import grouped_mm_supported
+
+    for dtype in {x.dtype, torch.float32, torch.bfloat16}:  # run the cached grouped_mm probes outside the counter
+        grouped_mm_supported(x.device, dtype)
     with FlopCounterMode(display=False, custom_mapping=_extra_flop_formulas()) as counter:
         fn(x)
     return int(counter.get_total_flops())

@@ -186,7 +186,7 @@ class Trainer:
         if cfg.data.val_split:
             try:
                 self.val_set = build_split(cfg, cfg.data.val_split, train=False,
-                                           max_images=cfg.eval.max_images or cfg.data.max_images, root=root)
+                                           max_images=cfg.eval.max_images, root=root)
             except (DataError, FileNotFoundError) as e:
                 self._print(f"[yellow]no validation set ({e}); training without evaluation[/]")
             if self.val_set is not None and len(self.val_set) == 0:

@@ -1,0 +1,121 @@
+"""`compare_runs` on saved runs: tiny checkpoints, config.yaml and hand-written metrics.json, so every number in
+the table is known in advance."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from modsquad.config import config_from_dict, save_config
+from modsquad.engine.checkpoint import save_model
+from modsquad.engine.compare import compare_markdown, compare_runs, compare_table, usage_stats, write_compare
+from modsquad.errors import UserError
+from modsquad.extract.usage import save_usage, usage_report
+from modsquad.models import create_model
+
+TASKS = ["depth_euclidean", "segment_semantic"]
+TINY = {"embed_dim": 32, "depth": 2, "num_heads": 2, "patch_size": 8, "moe_layout": "both", "attn_experts": 4,
+        "attn_top_k": 2, "attn_head_dim": 16, "mlp_experts": 4, "mlp_top_k": 2, "mlp_expert_hidden": 32}
+#: primary metrics: depth l1 (lower is better), segmentation miou (higher is better)
+METRICS = {
+    "dense": {"depth_euclidean": {"l1": 0.5, "rmse": 0.7}, "segment_semantic": {"miou": 0.40, "pixel_acc": 0.8}},
+    "per_task": {"depth_euclidean": {"l1": 0.4, "rmse": 0.6}, "segment_semantic": {"miou": 0.50, "pixel_acc": 0.85}},
+    "task_level": {"depth_euclidean": {"l1": 0.6, "rmse": 0.8}, "segment_semantic": {"miou": 0.40, "pixel_acc": 0.8}},
+}
+
+
+def make_run(path, router, metrics, aux=None, router_kwargs=None, usage_json=False):
+    """A run directory as `modsquad train` + `modsquad eval` leave it, without training."""
+    torch.manual_seed(0)
+    overrides = {**TINY, "router": router, **({"router_kwargs": router_kwargs} if router_kwargs else {})}
+    model = create_model("modsquad_vit_tiny", TASKS, img_size=32, **overrides)
+    if router != "dense":
+        model.eval()(torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)))  # usage counters
+    path.mkdir(parents=True)
+    save_model(path / "last.safetensors", model, {"step": 7})
+    cfg = config_from_dict({"name": path.name, "model": {"name": "modsquad_vit_tiny", "tasks": TASKS, "img_size": 32,
+                                                         "overrides": overrides},
+                            "data": {"root": str(path / "no_data")}, "aux": aux or {}})
+    save_config(cfg, path / "config.yaml")
+    (path / "metrics.json").write_text(json.dumps({"split": "val", "metrics": metrics}))
+    if usage_json:
+        save_usage(usage_report(model, model.expert_usage()), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("compare")
+    return [make_run(root / "dense", "dense", METRICS["dense"]),
+            make_run(root / "per_task", "per_task", METRICS["per_task"], aux={"mi": 0.005}, usage_json=True),
+            make_run(root / "task_level", "task_level", METRICS["task_level"], router_kwargs={"mode": "gumbel_st"})]
+
+
+def test_compare_runs_against_the_dense_run(runs):
+    result = compare_runs(runs)
+    assert result["baseline"] == "dense" and result["tasks"] == TASKS
+    dense, per_task, task_level = result["runs"]
+    assert dense["delta_m"] == {"depth_euclidean": 0.0, "segment_semantic": 0.0, "mean": 0.0}
+    assert per_task["delta_m"]["depth_euclidean"] == pytest.approx(20.0)  # l1 0.4 vs 0.5, lower is better
+    assert per_task["delta_m"]["segment_semantic"] == pytest.approx(25.0)  # miou 0.5 vs 0.4
+    assert per_task["delta_m"]["mean"] == pytest.approx(22.5)
+    assert task_level["delta_m"]["mean"] == pytest.approx(-10.0)
+    assert (dense["label"], per_task["label"], task_level["label"]) == ("dense", "per_task +MI", "task_level/gumbel_st")
+    assert dense["usage"] is None
+    assert per_task["usage"]["source"] == "usage.json" and task_level["usage"]["source"] == "checkpoint"
+    for row in result["runs"]:
+        assert row["params"] > 0 and row["flops"] > 0 and row["step"] == 7
+    # MoE layers run 2 of 4 experts per token, and the encoder once per task: more active FLOPs than dense
+    assert per_task["flops"] > dense["flops"]
+
+
+def test_explicit_baseline_and_flops_off(runs):
+    result = compare_runs(runs[1:], baseline=runs[0], flops=False)
+    assert result["baseline"] == "dense" and [r["name"] for r in result["runs"]] == ["per_task", "task_level"]
+    assert all(r["flops"] is None for r in result["runs"])
+    assert result["runs"][0]["delta_m"]["mean"] == pytest.approx(22.5)
+    assert compare_runs(runs[1:], flops=False)["baseline"] is None  # no dense run among them: no delta_m
+
+
+def test_write_compare_files(runs, tmp_path):
+    result = compare_runs(runs)
+    paths = write_compare(result, tmp_path / "out")
+    assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    data = json.loads(paths["json"].read_text())
+    assert [r["name"] for r in data["runs"]] == ["dense", "per_task", "task_level"]
+    md = paths["md"].read_text()
+    assert "| per_task | per_task +MI |" in md and "+22.50" in md and "## All metrics" in md
+    assert "segment_semantic miou ↑" in md and "depth_euclidean l1 ↓" in md
+    assert md == compare_markdown(result)
+    table = compare_table(result)
+    assert table.row_count == 3 and "usage share" in [c.header for c in table.columns]
+
+
+def test_missing_metrics_asks_for_eval(runs, tmp_path):
+    run = make_run(tmp_path / "fresh", "per_task", METRICS["per_task"])
+    (run / "metrics.json").unlink()
+    with pytest.raises(UserError, match=r"no metrics.json; run `modsquad eval .*fresh` first"):
+        compare_runs([runs[0], run])
+
+
+def test_usage_stats_disjoint_and_uniform():
+    disjoint = {"a": {"l0": [10, 10, 0, 0]}, "b": {"l0": [0, 0, 10, 10]}}
+    stats = usage_stats(disjoint)
+    assert stats["share"] == pytest.approx(0.5) and stats["mi"] == pytest.approx(math.log(2))
+    uniform = {"a": {"l0": [5, 5, 5, 5]}, "b": {"l0": [5, 5, 5, 5]}}
+    stats = usage_stats(uniform)
+    assert stats["share"] == pytest.approx(1.0) and stats["mi"] == pytest.approx(0.0)
+    assert usage_stats({"a": {"l0": [0, 0]}}) is None
+
+
+def test_active_flops_do_not_depend_on_the_call_order(runs):
+    """The first forward of a process may probe grouped_mm support; its matmuls must not be counted."""
+    from modsquad.engine.checkpoint import load_model
+    from modsquad.engine.compare import active_flops
+    from modsquad.moe import dispatch
+
+    model = load_model(runs[1])
+    dispatch._GROUPED_MM_SUPPORT.clear()
+    first = active_flops(model)
+    assert active_flops(model) == first

@@ -1,0 +1,58 @@
+"""`modsquad compare` through typer's CliRunner on runs saved to disk (no training)."""
+
+import json
+
+import torch
+from typer.testing import CliRunner
+
+from modsquad.cli import app
+from modsquad.config import config_from_dict, save_config
+from modsquad.engine.checkpoint import save_model
+from modsquad.models import create_model
+
+TASKS = ["depth_euclidean", "normal"]
+TINY = {"embed_dim": 32, "depth": 2, "num_heads": 2, "patch_size": 8, "attn_experts": 4, "attn_top_k": 2,
+        "attn_head_dim": 16, "mlp_experts": 4, "mlp_top_k": 2, "mlp_expert_hidden": 32}
+
+
+def _run(path, router, l1, angle):
+    overrides = {**TINY, "router": router}
+    model = create_model("modsquad_vit_tiny", TASKS, img_size=32, **overrides)
+    path.mkdir()
+    save_model(path / "last.safetensors", model, {"step": 3})
+    save_config(config_from_dict({"model": {"name": "modsquad_vit_tiny", "tasks": TASKS, "img_size": 32,
+                                            "overrides": overrides}}), path / "config.yaml")
+    metrics = {"depth_euclidean": {"l1": l1, "rmse": 2 * l1}, "normal": {"mean_angle": angle}}
+    (path / "metrics.json").write_text(json.dumps({"metrics": metrics}))
+    return str(path)
+
+
+def _output(result) -> str:
+    return " ".join(result.output.split())
+
+
+def test_compare_cli(tmp_path):
+    torch.manual_seed(0)
+    dense = _run(tmp_path / "dense", "dense", 0.5, 20.0)
+    moe = _run(tmp_path / "moe", "per_task", 0.25, 20.0)
+    out = tmp_path / "cmp"
+    result = CliRunner().invoke(app, ["compare", dense, moe, "--out", str(out), "--no-flops"])
+    assert result.exit_code == 0, _output(result)
+    text = _output(result)
+    assert "dense" in text and "moe" in text and "+25.00" in text  # (50 % on depth + 0 on normals) / 2
+    for name in ("compare.md", "compare.json", "compare.png"):
+        assert (out / name).is_file(), name
+    assert json.loads((out / "compare.json").read_text())["baseline"] == "dense"
+
+    result = CliRunner().invoke(app, ["compare", moe, "--baseline", moe, "--out", str(out)])
+    assert result.exit_code == 0 and "+0.00" in _output(result), _output(result)
+
+
+def test_compare_cli_needs_eval(tmp_path):
+    run = _run(tmp_path / "fresh", "per_task", 0.3, 10.0)
+    (tmp_path / "fresh" / "metrics.json").unlink()
+    result = CliRunner().invoke(app, ["compare", run, "--out", str(tmp_path / "cmp")])
+    assert result.exit_code == 2
+    assert "no metrics.json; run `modsquad eval" in _output(result)
+    result = CliRunner().invoke(app, ["compare", str(tmp_path / "missing"), "--out", str(tmp_path / "cmp")])
+    assert result.exit_code == 2 and "missing" in _output(result)
