@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .dispatch import combine, gather_tokens, grouped_matmul, plan_dispatch, sort_rows, unsort_rows
-from .routers import MoELayer, is_exporting, token_task_ids
+from .routers import MoELayer, token_task_ids
 
 
 class MoEAttention(MoELayer):
@@ -48,7 +48,7 @@ class MoEAttention(MoELayer):
         """x: [B, N, D]; task_ids: [B] per sample (or [B, N] per token, or an int) -> [B, N, D]."""
         if x.dim() != 3:
             raise ValueError(f"MoEAttention expects x of shape [B, N, D], got {tuple(x.shape)}")
-        if is_exporting():
+        if self.runs_all_experts():
             return self.forward_all_experts(x, task_ids)
         B, N, D = x.shape
         k, hd = self.top_k, self.head_dim

@@ -7,7 +7,7 @@ from torch import nn
 
 from .dispatch import combine, gather_tokens, plan_dispatch
 from .experts import GroupedLinear
-from .routers import MoELayer, is_exporting, token_task_ids
+from .routers import MoELayer, token_task_ids
 
 
 class MoEMlp(MoELayer):
@@ -33,7 +33,7 @@ class MoEMlp(MoELayer):
 
     def forward(self, x: torch.Tensor, task_ids: torch.Tensor | int) -> torch.Tensor:
         """x: [B, N, D] or [T, D]; task_ids: [B] per sample (or per token, or an int) -> same shape as x."""
-        if is_exporting():
+        if self.runs_all_experts():
             return self.forward_all_experts(x, task_ids)
         shape = x.shape
         x = x.reshape(-1, shape[-1])

@@ -241,7 +241,7 @@ class MoELayer(nn.Module):
 
     Subclasses implement `forward` (sorted dispatch, grouped matmuls) and `forward_all_experts` (every expert
     on every token, weighted by the dense gates: E / k times the compute, but static shapes, so that it can be
-    traced and exported; `forward` switches to it while `is_exporting()`).
+    traced and exported; `forward` switches to it while `is_exporting()` and when E == k).
     `last_routing` is `(RouterOutput, token task ids [T])` of the last forward (None before the first).
     `usage` is an int64 buffer [num_tasks, E] of top-k selections per task, summed over every forward (train
     and eval) while `track_usage` is True; it is saved in the state_dict and cleared by `reset_usage()`.
@@ -282,6 +282,12 @@ class MoELayer(nn.Module):
 
     def reset_usage(self) -> None:
         self.usage.zero_()
+
+    def runs_all_experts(self) -> bool:
+        """Whether `forward` should take the static-shape path: while exporting, and whenever every token uses
+        every expert (E == k, as in per-task models extracted down to top-k experts), where sorting and
+        scattering would only add overhead to the same computation."""
+        return self.num_experts == self.top_k or is_exporting()
 
     @staticmethod
     def dense_gates(routing: RouterOutput, dtype: torch.dtype) -> torch.Tensor:

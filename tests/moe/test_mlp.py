@@ -156,3 +156,16 @@ def test_onnx_export_matches(tmp_path):
     ids2 = torch.tensor([0, 2, 1, 1, 0])
     (out,) = ort.InferenceSession(str(path)).run(None, {"tokens": x2.numpy(), "task_ids": ids2.numpy()})
     torch.testing.assert_close(torch.from_numpy(out), layer(x2, ids2), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(("kind", "kwargs", "stochastic"), ROUTER_CONFIGS, ids=ROUTER_IDS)
+def test_as_many_experts_as_top_k_matches_reference(kind, kwargs, stochastic):
+    """E == k (a task extracted down to top-k experts) takes the dispatch-free path; same maths."""
+    x, task_ids, gen = _inputs(3)
+    layer = MoEMlp(DIM, HIDDEN, TOP_K, TOP_K, TASKS, router=kind, router_kwargs=kwargs).double()
+    randomize_experts(layer, gen)
+    randomize_router(layer.router, gen)
+    layer.train(not stochastic)
+    assert layer.runs_all_experts()
+    assert_layer_matches(layer, reference_mlp, x, task_ids, gen)
+    assert layer.usage.sum() == x.shape[0] * x.shape[1] * TOP_K
