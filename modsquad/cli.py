@@ -281,13 +281,15 @@ def bench(checkpoint: Path = typer.Argument(..., help="Run directory or .safeten
           data: Path | None = typer.Option(None, "--data", help="Dataset root for metrics (default: run config)."),
           split: str | None = typer.Option(None, "--split", help="Split for metrics (default: the config's)."),
           max_images: int = typer.Option(64, "--max-images", help="Images evaluated for metrics (0: none)."),
-          threads: int | None = typer.Option(None, "--threads", help="CPU threads while measuring.")):
-    """Pruned vs full: params, FLOPs, latency, throughput, peak memory and metrics -> bench.json/md/png."""
+          threads: int | None = typer.Option(None, "--threads", help="CPU threads while measuring."),
+          dense_baseline: bool = typer.Option(True, "--dense-baseline/--no-dense-baseline",
+                                              help="Also measure a same-shape dense timm ViT per task.")):
+    """Pruned vs full vs dense timm: params, FLOPs, latency, throughput, memory, metrics -> bench.json/md/png."""
     from .bench import benchmark, summary_table, write_report
 
     result = benchmark(checkpoint, extracted, tasks=_csv(tasks), batch_sizes=_batch_sizes(batch), device=device,
                        repeats=repeats, warmup=warmup, data=data, split=split, max_images=max_images,
-                       threads=threads, progress=True)
+                       threads=threads, dense_baseline=dense_baseline, progress=True)
     paths = write_report(result, out)
     console.print(summary_table(result))
     for kind, path in paths.items():

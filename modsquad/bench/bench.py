@@ -1,9 +1,11 @@
-"""Pruned vs full: parameters, FLOPs, latency, throughput, peak memory and task metrics, side by side.
+"""Pruned vs full vs a dense timm ViT: parameters, FLOPs, latency, throughput, peak memory and task metrics.
 
 The full multi-task model is measured as users would run it for one task (`model(x, tasks=[task])`) and each
-extracted model as `sub(x)`. Every figure of a task's pair comes from the same process and the same inputs,
-and timed runs are interleaved (full, pruned, full, pruned, ... with the order rotated each round) so that a
-noisy machine slows both alike and the ratios stay fair.
+extracted model as `sub(x)`. The baseline every figure is also put against is a plain single-task dense timm
+`VisionTransformer` of the checkpoint's shape with that task's head (`DenseTimmBaseline`, random weights: only its
+cost is measured), i.e. what the task would cost without mixture-of-experts. Every figure of a task comes from
+the same process and the same inputs, and timed runs are interleaved (full, pruned, dense, full, ... with the
+order rotated each round) so that a noisy machine slows all alike and the ratios stay fair.
 
 Definitions (also written into bench.json under "definitions" and into bench.md):
     params       full per task: all parameters minus those that belong to the other tasks (their heads, their
@@ -19,6 +21,7 @@ Definitions (also written into bench.json under "definitions" and into bench.md)
 
 from __future__ import annotations
 
+import copy
 import functools
 import gc
 import math
@@ -32,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
@@ -46,12 +50,15 @@ DEFINITIONS = {
               "per-task router gates/logits); pruned = every parameter of the extracted model",
     "flops": "forward FLOPs per image at batch 1 (torch.utils.flop_counter, multiply-add = 2 FLOPs, with "
              "CPU attention and grouped expert matmuls added)",
-    "latency_ms": "median of the timed forwards at the latency batch after warm-up, full and pruned "
+    "latency_ms": "median of the timed forwards at the latency batch after warm-up, all models of the run "
                   "interleaved, torch.inference_mode, fixed thread count",
     "throughput": "images/s at the throughput batch (batch / median forward time)",
     "peak_mem_mb": "weights + input + peak bytes of tensors alive during one forward at the throughput batch "
                    "(CUDA: torch.cuda.max_memory_allocated; CPU: tensor storages tracked by a dispatch mode)",
     "max_abs_diff": "max |pruned(x) - full(x, tasks=[task])[task]| over the evaluated val images",
+    "dense_timm": "baseline: a single-task dense timm VisionTransformer of the checkpoint's shape (patch size, "
+                  "width, depth, heads, MLP ratio; no MoE, no task embedding) plus the task's head, random "
+                  "weights (cost only, no metrics); ratios pruned_vs_dense and full_vs_dense divide by it",
 }
 
 
@@ -309,6 +316,43 @@ def _check_sources(subs: dict[str, nn.Module], ckpt_path: Path, extracted: Path)
                                   f"not from {ckpt_path}; benchmark the checkpoint it came from or extract again")
 
 
+class DenseTimmBaseline(nn.Module):
+    """A plain single-task dense ViT: timm `VisionTransformer` tokens -> one task head.
+
+    What a task costs without Mod-Squad: no experts, router or task embedding; the patch tokens (no class
+    token) go through the timm final norm to the same head type as the multi-task model's.
+    """
+
+    def __init__(self, encoder: VisionTransformer, head: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+        self.head = head
+        self.patch_size = encoder.patch_embed.patch_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, C, H, W] -> head output ([B, C_t, H, W] for dense tasks, [B, classes] for classification)."""
+        grid = (x.shape[-2] // self.patch_size[0], x.shape[-1] // self.patch_size[1])
+        return self.head(self.encoder.forward_features(x), grid)  # tokens [B, h*w, D]
+
+
+def dense_timm_baseline(model: nn.Module, task: str, img_size: int | Sequence[int] | None = None,
+                        seed: int = 0) -> DenseTimmBaseline:
+    """The dense timm twin of `model` for `task`: same image/patch size, width, depth, heads and MLP ratio (from
+    `model.config`), a deep copy of the task's head, random weights drawn from `seed` (the global RNG is left
+    as it was). `img_size` defaults to the config's; on the model's device and dtype, in eval mode."""
+    cfg = model.config
+    img_size = cfg["img_size"] if img_size is None else img_size
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        encoder = VisionTransformer(img_size=tuple(img_size) if not isinstance(img_size, int) else img_size,
+                                    patch_size=cfg["patch_size"], in_chans=cfg.get("in_chans", 3),
+                                    embed_dim=cfg["embed_dim"], depth=cfg["depth"], num_heads=cfg["num_heads"],
+                                    mlp_ratio=cfg["mlp_ratio"], qkv_bias=cfg.get("qkv_bias", True),
+                                    class_token=False, global_pool="", num_classes=0)
+    ref = model.pos_embed
+    return DenseTimmBaseline(encoder, copy.deepcopy(model.heads[task])).to(ref.device, ref.dtype).eval()
+
+
 def _full_task(model: nn.Module, task: str, x: torch.Tensor) -> torch.Tensor:
     """The full model as a user runs it for one task: x [B, C, H, W] -> that task's output."""
     return model(x, tasks=[task])[task]
@@ -458,16 +502,19 @@ def _device_name(device: torch.device) -> str:
 
 
 def _entry(params: int, flops: int, latency: list[float], throughput: list[float], batch: int, peak_mb: float,
-           metrics: dict) -> dict:
-    return {"params": int(params), "flops": int(flops), "latency_ms": median_ms(latency),
-            "throughput": batch / statistics.median(throughput), "peak_mem_mb": peak_mb, "metrics": metrics}
+           metrics: dict | None = None) -> dict:
+    """One model's figures (FIELDS, + "metrics" unless None)."""
+    entry = {"params": int(params), "flops": int(flops), "latency_ms": median_ms(latency),
+             "throughput": batch / statistics.median(throughput), "peak_mem_mb": peak_mb}
+    return entry if metrics is None else {**entry, "metrics": metrics}
 
 
 def benchmark(checkpoint: str | Path, extracted: str | Path, *, tasks: Sequence[str] | None = None,
               batch_sizes: Sequence[int] = (1, 32), device: str | torch.device = "cpu", repeats: int = 20,
               warmup: int = 3, data: str | Path | None = None, split: str | None = None, max_images: int = 64,
-              threads: int | None = None, progress: bool = False) -> dict:
-    """Measure the full model and every extracted model of `extracted` side by side; returns bench.json's dict.
+              threads: int | None = None, dense_baseline: bool = True, progress: bool = False) -> dict:
+    """Measure the full model, every extracted model of `extracted` and, per task, a dense timm ViT of the same
+    shape (`dense_timm_baseline`) side by side; returns bench.json's dict.
 
     Args:
         checkpoint: run directory or .safetensors checkpoint of the full multi-task model.
@@ -479,6 +526,8 @@ def benchmark(checkpoint: str | Path, extracted: str | Path, *, tasks: Sequence[
         data: dataset root for the metrics (default: the run's config.yaml data.root); split: default the
             config's eval split, else "val"; max_images: cap on evaluated images (0 skips the metrics).
         threads: CPU intra-op threads while measuring (default: torch's current setting).
+        dense_baseline: also measure the dense timm baseline per task ("dense_timm" and the ratios
+            "pruned_vs_dense" / "full_vs_dense" in each task's entry); False skips it.
         progress: show a rich progress bar.
     """
     from ..engine.checkpoint import load_model, resolve_checkpoint
@@ -502,13 +551,16 @@ def benchmark(checkpoint: str | Path, extracted: str | Path, *, tasks: Sequence[
     val, metric_kwargs = _val_data(ckpt_path, model, data, split, max_images, b_thr)
     images = val.images.to(device) if val is not None else _random_images(model, b_thr, device)
 
+    dense = {t: dense_timm_baseline(model, t, tuple(images.shape[-2:])) for t in tasks} if dense_baseline else {}
     fns: dict[str, Callable[[torch.Tensor], Any]] = {"full": model}
     modules: dict[str, nn.Module] = {"full": model}
-    for t in tasks:
+    for t in tasks:  # per task: full, pruned, dense (the timing loop rotates through all of them)
         fns[f"full/{t}"] = functools.partial(_full_task, model, t)
         modules[f"full/{t}"] = model
         fns[t] = subs[t]
         modules[t] = subs[t]
+        if t in dense:
+            fns[f"dense/{t}"] = modules[f"dense/{t}"] = dense[t]
 
     with fixed_threads(threads) as n_threads, _Steps(progress, 2 * repeats + len(fns) + 1) as steps:
         x_lat, x_thr = repeat_to_batch(images, b_lat), repeat_to_batch(images, b_thr)
@@ -533,14 +585,21 @@ def benchmark(checkpoint: str | Path, extracted: str | Path, *, tasks: Sequence[
         steps.advance()
 
     params = {"full": count_params(model), **{f"full/{t}": task_param_count(model, t) for t in tasks},
-              **{t: count_params(subs[t]) for t in tasks}}
+              **{t: count_params(subs[t]) for t in tasks}, **{f"dense/{t}": count_params(m) for t, m in dense.items()}}
+
+    def entry(key: str, metrics: dict | None = None) -> dict:
+        return _entry(params[key], flops[key], lat[key], thr[key], b_thr, peak[key], metrics)
+
     result_tasks = {}
     for t in tasks:
-        pruned = _entry(params[t], flops[t], lat[t], thr[t], b_thr, peak[t], metrics.get(t, {}))
-        full = _entry(params[f"full/{t}"], flops[f"full/{t}"], lat[f"full/{t}"], thr[f"full/{t}"], b_thr,
-                      peak[f"full/{t}"], full_metrics.get(t, {}))
+        pruned, full = entry(t, metrics.get(t, {})), entry(f"full/{t}", full_metrics.get(t, {}))
         result_tasks[t] = {**pruned, "full": full, "max_abs_diff": diffs[t], "ratios": ratios(pruned, full)}
-    full_all = _entry(params["full"], flops["full"], lat["full"], thr["full"], b_thr, peak["full"], all_metrics)
+        if t in dense:
+            base = entry(f"dense/{t}")
+            result_tasks[t]["dense_timm"] = base
+            result_tasks[t]["ratios"].update(pruned_vs_dense=ratios(pruned, base), full_vs_dense=ratios(full, base))
+    definitions = DEFINITIONS if dense else {k: v for k, v in DEFINITIONS.items() if k != "dense_timm"}
+    full_all = entry("full", all_metrics)
     return {
         "checkpoint": str(ckpt_path),
         "extracted": str(extracted),
@@ -554,5 +613,5 @@ def benchmark(checkpoint: str | Path, extracted: str | Path, *, tasks: Sequence[
         "data": val.describe() if val is not None else None,
         "full": {**full_all, "tasks": list(model.tasks)},
         "tasks": result_tasks,
-        "definitions": DEFINITIONS,
+        "definitions": definitions,
     }

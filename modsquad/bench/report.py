@@ -1,8 +1,9 @@
 """Write a benchmark result (see `modsquad.bench.benchmark`) as bench.json, bench.md and bench.png.
 
-bench.md is a Markdown table to paste in a paper (two rows per task: full and pruned, with pruned/full ratios),
-bench.png shows grouped bars per task (params, FLOPs, latency, primary metric; full vs pruned), and
-`summary_table` renders the same numbers as a rich table for the terminal.
+bench.md is a Markdown table to paste in a paper (per task: full, pruned with pruned/full ratios, and when it
+was measured the dense timm baseline with the ratios pruned/dense and full/dense), bench.png shows grouped bars
+per task (params, FLOPs, latency: full, pruned, dense timm; primary metric: full vs pruned), and `summary_table`
+renders the same numbers as a rich table for the terminal. Results without a dense baseline render as before.
 """
 
 from __future__ import annotations
@@ -17,6 +18,10 @@ from rich.table import Table
 from ..tasks import TASKS
 
 FIELD_KEYS = ("params", "flops", "latency_ms", "throughput", "peak_mem_mb")
+DENSE_LABEL = "dense timm"
+DENSE_NOTE = ("dense timm: the baseline, a single-task dense timm VisionTransformer of the checkpoint's shape "
+              "(no MoE, no task embedding) with the task's head and random weights, timed interleaved with full "
+              "and pruned in this run; it has no metrics.")
 PLOT_FIELDS = (("params", "Parameters"), ("flops", "FLOPs / image"), ("latency_ms", "Latency (ms, batch {b})"))
 
 
@@ -57,6 +62,15 @@ def _columns(result: dict) -> list[str]:
     return ["Params", "FLOPs", f"Latency ms (b={b_lat})", f"Throughput img/s (b={b_thr})", "Peak mem MB"]
 
 
+def _has_dense(result: dict) -> bool:
+    return any("dense_timm" in entry for entry in result["tasks"].values())
+
+
+def _ratio_cells(ratios: dict | None) -> list[str]:
+    r = ratios or {}
+    return [_times(r.get(k)) for k in FIELD_KEYS]
+
+
 def _cells(entry: dict, ratios: dict | None = None) -> list[str]:
     r = ratios or {}
     return [human(entry["params"]) + _ratio(r.get("params")),
@@ -67,15 +81,18 @@ def _cells(entry: dict, ratios: dict | None = None) -> list[str]:
 
 
 def markdown(result: dict) -> str:
-    """bench.md: the header, one full and one pruned row per task, the full model on all tasks, notes."""
+    """bench.md: the header; per task a full and a pruned row (+ dense timm, pruned / dense and full / dense rows
+    when the baseline was measured); the full model on all tasks; notes."""
+    dense = _has_dense(result)
     cols = ["Task", "Model", *_columns(result), "Primary metric", "max abs diff"]
+    timed = "full, pruned and dense timm" if dense else "full and pruned"
     lines = [
-        "# modsquad bench: pruned vs full",
+        "# modsquad bench: pruned vs full" + (" vs dense timm" if dense else ""),
         "",
         f"Checkpoint `{result.get('checkpoint', '?')}`, extracted models `{result.get('extracted', '?')}`.",
         f"Device {result['device']} ({result.get('device_name', '')}), torch {result['torch']}, "
         f"{result.get('threads', '?')} CPU threads; median of {result['repeats']} timed runs after "
-        f"{result['warmup']} warm-up runs, full and pruned interleaved in one process.",
+        f"{result['warmup']} warm-up runs, {timed} interleaved in one process.",
         "",
         "| " + " | ".join(cols) + " |",
         "|" + "|".join([":--", ":--"] + ["--:"] * (len(cols) - 2)) + "|",
@@ -87,11 +104,18 @@ def markdown(result: dict) -> str:
         lines.append("| " + " | ".join(["", "pruned", *_cells(entry, entry.get("ratios")),
                                          _metric_cell(task, entry["metrics"]),
                                          "-" if diff is None else f"{diff:.2e}"]) + " |")
+        if "dense_timm" in entry:
+            r = entry.get("ratios") or {}
+            lines.append("| " + " | ".join(["", DENSE_LABEL, *_cells(entry["dense_timm"]), "-", ""]) + " |")
+            for label, key in (("pruned / dense", "pruned_vs_dense"), ("full / dense", "full_vs_dense")):
+                lines.append("| " + " | ".join(["", label, *_ratio_cells(r.get(key)), "", ""]) + " |")
     full = result["full"]
     lines.append("| " + " | ".join([f"all {len(full.get('tasks', result['tasks']))} tasks", "full (one forward)",
                                      *_cells(full), "", ""]) + " |")
     data = result.get("data") or {}
     lines += ["", "Ratios in parentheses are pruned / full, from figures measured in this run."]
+    if dense:
+        lines.append(DENSE_NOTE + " The pruned / dense and full / dense rows divide by its figures.")
     if data:
         lines.append(f"Metrics on {data.get('images', '?')} images of the `{data.get('split', 'val')}` split of "
                      f"`{data.get('root', '?')}`.")
@@ -100,18 +124,24 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def summary_table(result: dict, title: str = "pruned vs full") -> Table:
-    """A compact rich table (fits 80 columns): per task a full row, a pruned row and a pruned/full row."""
+def summary_table(result: dict, title: str | None = None) -> Table:
+    """A compact rich table (fits 80 columns): per task a full row, a pruned row and a pruned/full row, and with
+    the dense timm baseline a dense row and pruned/dense, full/dense rows."""
     b_lat, b_thr = result["batch_sizes"]["latency"], result["batch_sizes"]["throughput"]
-    table = Table(title=title, caption=f"ms: latency at batch {b_lat}; img/s: throughput at batch {b_thr}; "
-                                       f"MB: peak memory; diff: max |pruned - full|",
+    dense = _has_dense(result)
+    title = title or ("pruned vs full vs dense timm" if dense else "pruned vs full")
+    caption = (f"ms: latency at batch {b_lat}; img/s: throughput at batch {b_thr}; MB: peak memory; "
+               f"diff: max |pruned - full|")
+    if dense:
+        caption += f"; {DENSE_LABEL}: same-shape single-task timm ViT + head, random weights"
+    table = Table(title=title, caption=caption,
                   box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1), collapse_padding=True)
     table.add_column("task / model", no_wrap=True)
     for col in ("params", "FLOPs", "ms", "img/s", "MB", "metric", "diff"):
         table.add_column(col, justify="right", no_wrap=True)
 
     def row(label: str, entry: dict, metric: str | None, diff: str = "", style: str | None = None) -> None:
-        value = entry["metrics"].get(metric) if metric else None
+        value = entry.get("metrics", {}).get(metric) if metric else None
         table.add_row(label, human(entry["params"]), human(entry["flops"]), _short(entry["latency_ms"]),
                       _short(entry["throughput"]), _short(entry["peak_mem_mb"]),
                       "" if value is None else f"{value:#.4g}", diff, style=style)
@@ -123,8 +153,13 @@ def summary_table(result: dict, title: str = "pruned vs full") -> Table:
         diff = entry.get("max_abs_diff")
         row("  pruned", entry, metric, "-" if diff is None else f"{diff:.0e}", style="green")
         r = entry.get("ratios") or {}
-        table.add_row("  pruned/full", *[_times(r.get(k)) for k in FIELD_KEYS], _metric_ratio(entry, metric), "",
-                      style="dim", end_section=True)
+        ratio_rows = [("  pruned/full", r, _metric_ratio(entry, metric))]
+        if "dense_timm" in entry:
+            row(f"  {DENSE_LABEL}", entry["dense_timm"], None, style="blue")
+            ratio_rows += [("  pruned/dense", r.get("pruned_vs_dense"), ""), ("  full/dense", r.get("full_vs_dense"), "")]
+        for i, (label, values, metric_ratio) in enumerate(ratio_rows):
+            table.add_row(label, *_ratio_cells(values), metric_ratio, "", style="dim",
+                          end_section=i == len(ratio_rows) - 1)
     row(f"all {len(result['full'].get('tasks', result['tasks']))} tasks, full", result["full"], None)
     return table
 
@@ -147,7 +182,8 @@ def _metric_ratio(entry: dict, metric: str | None) -> str:
 
 
 def plot(result: dict, path: str | Path) -> Path:
-    """bench.png: one panel per figure (params, FLOPs, latency, primary metric), full vs pruned bars per task."""
+    """bench.png: one panel per figure (params, FLOPs, latency, primary metric); bars per task: full, pruned and
+    (params, FLOPs, latency; when measured) the dense timm baseline."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -162,17 +198,25 @@ def plot(result: dict, path: str | Path) -> Path:
                              squeeze=False)
     x = np.arange(len(tasks))
     width = 0.38
+    dense = [result["tasks"][t].get("dense_timm") for t in tasks]
+    has_dense = any(d is not None for d in dense)
 
-    def bars(ax, full, pruned, title):
-        ax.bar(x - width / 2, full, width, label="full", color="#9e9e9e")
-        ax.bar(x + width / 2, pruned, width, label="pruned", color="#2e7d32")
+    def bars(ax, full, pruned, title, baseline=None):
+        w = width if baseline is None else 0.27
+        offsets = (-w / 2, w / 2) if baseline is None else (-w, 0.0)
+        ax.bar(x + offsets[0], full, w, label="full", color="#9e9e9e")
+        ax.bar(x + offsets[1], pruned, w, label="pruned", color="#2e7d32")
+        if baseline is not None:
+            ax.bar(x + w, baseline, w, label=DENSE_LABEL, color="#1565c0")
         ax.set_title(title, fontsize=10)
         ax.set_xticks(x)
         ax.tick_params(axis="x", labelsize=7, rotation=30)
         ax.grid(axis="y", alpha=0.3)
 
     for ax, (key, title) in zip(axes[0], panels, strict=False):
-        bars(ax, [result["tasks"][t]["full"][key] for t in tasks], [result["tasks"][t][key] for t in tasks], title)
+        baseline = [np.nan if d is None else d[key] for d in dense] if has_dense else None
+        bars(ax, [result["tasks"][t]["full"][key] for t in tasks], [result["tasks"][t][key] for t in tasks], title,
+             baseline)
         ax.axhline(result["full"][key], color="#616161", linestyle="--", linewidth=1, label="full, all tasks")
         ax.set_xticklabels(tasks, ha="right")
         if key != "latency_ms":
@@ -199,7 +243,7 @@ def plot(result: dict, path: str | Path) -> Path:
                                 ha="center", va="bottom", fontsize=6, rotation=90)
         ax.set_ylim(0, 1.3 * max([100.0, *[v for v in rel_pruned if not np.isnan(v)]]))
     handles, legend_labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, legend_labels, loc="upper right", fontsize=8, ncol=3)
+    fig.legend(handles, legend_labels, loc="upper right", fontsize=8, ncol=len(handles))
     fig.suptitle(f"modsquad bench ({result['device']}, torch {result['torch']})", fontsize=11)
     fig.tight_layout()
     path = Path(path)

@@ -14,6 +14,7 @@ def _entry(params, flops, latency_ms, throughput, peak_mem_mb, metrics):
 
 @pytest.fixture
 def fake_result() -> dict:
+    """Three tasks, each with full, pruned and dense timm figures and their ratios."""
     tasks = {}
     for name, metrics_full, metrics_pruned in [
         ("depth_euclidean", {"l1": 0.21, "rmse": 0.34}, {"l1": 0.21, "rmse": 0.34}),
@@ -22,7 +23,10 @@ def fake_result() -> dict:
     ]:
         full = _entry(438_080, 5_249_024, 2.5, 900.0, 10.8, metrics_full)
         pruned = _entry(151_000, 2_100_000, 1.2, 2100.0, 4.1, metrics_pruned)
-        tasks[name] = {**pruned, "full": full, "max_abs_diff": 1.5e-6, "ratios": ratios(pruned, full)}
+        dense = {k: v for k, v in _entry(290_000, 7_340_032, 2.0, 1000.0, 9.5, {}).items() if k != "metrics"}
+        tasks[name] = {**pruned, "full": full, "max_abs_diff": 1.5e-6, "dense_timm": dense,
+                       "ratios": {**ratios(pruned, full), "pruned_vs_dense": ratios(pruned, dense),
+                                  "full_vs_dense": ratios(full, dense)}}
     return {
         "device": "cpu", "device_name": "test cpu", "torch": "2.x", "threads": 2,
         "checkpoint": "runs/x/best.safetensors", "extracted": "out/extracted",
@@ -32,6 +36,15 @@ def fake_result() -> dict:
         "tasks": tasks,
         "definitions": DEFINITIONS,
     }
+
+
+@pytest.fixture
+def fake_result_no_dense(fake_result) -> dict:
+    """fake_result as `benchmark(..., dense_baseline=False)` returns it."""
+    for entry in fake_result["tasks"].values():
+        del entry["dense_timm"], entry["ratios"]["pruned_vs_dense"], entry["ratios"]["full_vs_dense"]
+    fake_result["definitions"] = {k: v for k, v in DEFINITIONS.items() if k != "dense_timm"}
+    return fake_result
 
 
 BENCH_TASKS = ["depth_euclidean", "normal", "segment_semantic"]

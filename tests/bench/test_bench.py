@@ -8,6 +8,7 @@ from modsquad.bench.bench import (
     LiveTensorTracker,
     count_flops,
     count_params,
+    dense_timm_baseline,
     fixed_threads,
     module_bytes,
     peak_memory_mb,
@@ -109,7 +110,28 @@ def test_ratios_and_helpers():
     assert torch.get_num_threads() == before
 
 
-def _check_schema(result, tasks):
+def test_dense_timm_baseline_matches_model_shape():
+    from timm.models.vision_transformer import VisionTransformer
+
+    tasks = ["normal", "segment_semantic", "class_object"]
+    model = create_model("modsquad_vit_tiny", tasks=tasks, img_size=32).eval()
+    x = torch.randn(2, 3, 32, 32)
+    rng = torch.get_rng_state()
+    for task in tasks:
+        dense = dense_timm_baseline(model, task)
+        assert isinstance(dense.encoder, VisionTransformer) and not dense.training
+        assert len(dense.encoder.blocks) == model.config["depth"] and dense.encoder.num_prefix_tokens == 0
+        assert dense.encoder.blocks[0].attn.num_heads == model.config["num_heads"]
+        assert dense.encoder.blocks[0].mlp.fc1.out_features == model.config["mlp_ratio"] * model.config["embed_dim"]
+        assert type(dense.head) is type(model.heads[task])
+        with torch.no_grad():
+            assert dense(x).shape == model(x, tasks=[task])[task].shape
+    assert torch.equal(torch.get_rng_state(), rng)  # random weights without touching the global RNG
+    wide = dense_timm_baseline(model, "normal", img_size=(48, 32))
+    assert wide(torch.randn(1, 3, 48, 32)).shape == (1, 3, 48, 32)
+
+
+def _check_schema(result, tasks, dense=True):
     from modsquad.bench.bench import FIELDS
 
     assert list(result["tasks"]) == tasks
@@ -123,10 +145,21 @@ def _check_schema(result, tasks):
             # ratios come from the figures of this same run
             assert entry["ratios"][field] == pytest.approx(entry[field] / entry["full"][field])
         assert entry["max_abs_diff"] >= 0
+        assert ("dense_timm" in entry) is dense
+        assert ("pruned_vs_dense" in entry["ratios"] and "full_vs_dense" in entry["ratios"]) is dense
+        assert ("dense_timm" in result["definitions"]) is dense
+        if dense:
+            base = entry["dense_timm"]
+            assert set(base) == set(FIELDS)  # cost only, no metrics
+            for field in FIELDS:
+                assert base[field] > 0, (task, field)
+                assert entry["ratios"]["pruned_vs_dense"][field] == pytest.approx(entry[field] / base[field])
+                assert entry["ratios"]["full_vs_dense"][field] == pytest.approx(entry["full"][field] / base[field])
 
 
 def test_benchmark_with_val_metrics(tiny_run, tmp_path):
     from modsquad.bench import benchmark, write_report
+    from modsquad.engine.checkpoint import load_model
     from modsquad.tasks import get_task
 
     run, extracted, tasks = tiny_run
@@ -135,10 +168,12 @@ def test_benchmark_with_val_metrics(tiny_run, tmp_path):
     assert result["threads"] == 1 and result["batch_sizes"] == {"latency": 1, "throughput": 2}
     assert result["data"]["images"] == 4 and result["data"]["split"] == "val"
     assert set(result["full"]["metrics"]) == set(tasks)
+    model = load_model(run)
     for task, entry in result["tasks"].items():
         spec = get_task(task)
         assert spec.primary in entry["metrics"] and spec.primary in entry["full"]["metrics"]
         assert entry["params"] < entry["full"]["params"] < result["full"]["params"]  # mass 0.5 drops experts
+        assert entry["dense_timm"]["params"] == count_params(dense_timm_baseline(model, task))
     paths = write_report(result, tmp_path)
     assert all(p.is_file() for p in paths.values())
 
@@ -148,8 +183,8 @@ def test_benchmark_without_data_and_task_subset(tiny_run):
 
     run, extracted, _ = tiny_run
     result = benchmark(run / "last.safetensors", extracted, tasks=["normal"], batch_sizes=(2,), repeats=1,
-                       warmup=0, max_images=0)
-    _check_schema(result, ["normal"])
+                       warmup=0, max_images=0, dense_baseline=False)
+    _check_schema(result, ["normal"], dense=False)
     assert result["data"] is None and result["tasks"]["normal"]["metrics"] == {}
     assert result["batch_sizes"] == {"latency": 2, "throughput": 2}
 
@@ -190,7 +225,13 @@ def test_bench_cli(tiny_run, tmp_path):
                                    "--batch", "1,2", "--repeats", "1", "--warmup", "0", "--max-images", "2",
                                    "--threads", "1", "--tasks", "normal,depth_euclidean"])
     assert res.exit_code == 0, res.output
-    assert "pruned/full" in res.output and "bench.md" in res.output
+    assert "pruned/full" in res.output and "pruned/dense" in res.output and "bench.md" in res.output
     assert list(json.loads((out / "bench.json").read_text())["tasks"]) == ["normal", "depth_euclidean"]
+    res = CliRunner().invoke(app, ["bench", str(run), "--extracted", str(extracted), "--out", str(out),
+                                   "--batch", "1", "--repeats", "1", "--warmup", "0", "--max-images", "0",
+                                   "--tasks", "normal", "--no-dense-baseline"])
+    assert res.exit_code == 0, res.output
+    assert "pruned/full" in res.output and "dense" not in res.output
+    assert "dense_timm" not in json.loads((out / "bench.json").read_text())["tasks"]["normal"]
     bad = CliRunner().invoke(app, ["bench", str(run), "--extracted", str(extracted), "--batch", "0"])
     assert bad.exit_code == 2 and "--batch" in bad.output

@@ -18,10 +18,15 @@ def test_primary_metric_follows_task_spec():
     assert primary_metric("normal", {}) == (None, None)
 
 
-def test_markdown_has_full_and_pruned_row_per_task(fake_result):
+def test_markdown_has_full_pruned_and_dense_rows_per_task(fake_result):
     md = markdown(fake_result)
     rows = [line for line in md.splitlines() if line.startswith("| ")]
-    assert len(rows) == 1 + 2 * len(fake_result["tasks"]) + 1  # header, full + pruned per task, all tasks
+    # header; per task full, pruned, dense timm, pruned / dense, full / dense; all tasks
+    assert len(rows) == 1 + 5 * len(fake_result["tasks"]) + 1
+    assert "|  | dense timm | 290K | 7.34M | 2.00 | 1000.0 | 9.50 | - |" in md
+    assert "|  | pruned / dense | 0.52x | 0.29x | 0.60x | 2.10x | 0.43x |" in md
+    assert "|  | full / dense | 1.51x | 0.72x | 1.25x | 0.90x | 1.14x |" in md
+    assert "dense timm: the baseline" in md and "pruned vs full vs dense timm" in md
     assert "| depth_euclidean | full | 438K" in md
     assert "151K (0.34x)" in md
     assert "Latency ms (b=1)" in md and "Throughput img/s (b=8)" in md
@@ -30,17 +35,43 @@ def test_markdown_has_full_and_pruned_row_per_task(fake_result):
         assert f"**{key}**" in md
 
 
+def test_markdown_without_dense_baseline(fake_result_no_dense):
+    md = markdown(fake_result_no_dense)
+    rows = [line for line in md.splitlines() if line.startswith("| ")]
+    assert len(rows) == 1 + 2 * len(fake_result_no_dense["tasks"]) + 1  # header, full + pruned per task, all
+    assert "dense" not in md
+
+
+def _render(table, width=220) -> str:
+    console = Console(record=True, width=width)
+    console.print(table)
+    return console.export_text()
+
+
 def test_summary_table_renders(fake_result):
-    console = Console(record=True, width=220)
-    console.print(summary_table(fake_result))
-    text = console.export_text()
+    text = _render(summary_table(fake_result))
     assert "segment_semantic" in text and "pruned" in text and "0.48x" in text
+    assert "dense timm" in text and "pruned/dense" in text and "full/dense" in text
+    assert "0.29x" in text and "0.72x" in text  # FLOPs pruned / dense and full / dense
+    narrow = _render(summary_table(fake_result), width=80)
+    assert "…" not in narrow and "full/dense" in narrow  # fits 80 columns without cutting cells
+
+
+def test_summary_table_without_dense_baseline(fake_result_no_dense):
+    text = _render(summary_table(fake_result_no_dense))
+    assert "pruned/full" in text and "dense" not in text
 
 
 def test_write_report(tmp_path, fake_result):
     paths = write_report(fake_result, tmp_path / "bench")
     assert json.loads(paths["json"].read_text()) == fake_result
     assert paths["md"].read_text().startswith("# modsquad bench")
+    assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_write_report_without_dense_baseline(tmp_path, fake_result_no_dense):
+    paths = write_report(fake_result_no_dense, tmp_path)
+    assert json.loads(paths["json"].read_text()) == fake_result_no_dense
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
