@@ -31,6 +31,7 @@ import torch
 
 from ..errors import ConfigError, UserError
 from .checkpoint import atomic_write, load_model, read_metadata, resolve_checkpoint
+from .evaluate import read_metrics
 
 USAGE_MASS = 0.9
 DEFINITIONS = {
@@ -122,23 +123,6 @@ def active_flops(model, img_size: int | Sequence[int] | None = None) -> int:
             m.track_usage = flag
 
 
-def _metrics(run: Path, split: str) -> dict:
-    from .evaluate import metrics_file
-
-    path = run / metrics_file(split)
-    if not path.is_file():
-        raise UserError(f"{run}: no {path.name}; run `modsquad eval {run}"
-                        f"{'' if split == 'val' else f' --split {split}'}` first")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"{path}: not a readable metrics file ({e})") from None
-    metrics = data.get("metrics", data) if isinstance(data, dict) else None
-    if not isinstance(metrics, dict):
-        raise UserError(f"{path}: expected a `modsquad eval` metrics file")
-    return metrics
-
-
 def describe_run(path: str | Path, split: str = "val", flops: bool = True) -> dict:
     """Everything `compare_runs` shows about one run directory (see the module docstring)."""
     from ..config import load_config
@@ -146,7 +130,7 @@ def describe_run(path: str | Path, split: str = "val", flops: bool = True) -> di
 
     run = _run_dir(path)
     ckpt = resolve_checkpoint(run)
-    metrics = _metrics(run, split)
+    metrics = read_metrics(run, split, role="run")
     model = load_model(ckpt)
     aux = None
     if (run / "config.yaml").is_file():

@@ -191,21 +191,24 @@ def write_metrics(path: str | Path, result: Mapping) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
-def read_metrics(path: str | Path, split: str = "val") -> dict[str, dict[str, float]]:
+def read_metrics(path: str | Path, split: str = "val", role: str = "baseline") -> dict[str, dict[str, float]]:
     """Per-task metrics {task: {metric: value}} from a run directory (its metrics file of `split`) or a JSON
-    file: a `modsquad eval` result, or a plain {task: {metric: value}} mapping."""
+    file: a `modsquad eval` result, or a plain {task: {metric: value}} mapping. `role` names the file in errors."""
     path = Path(path)
     file = path / metrics_file(split) if path.is_dir() else path
     if not file.is_file():
+        if role == "run" and path.is_dir():
+            raise UserError(f"{path}: no {file.name}; run `modsquad eval {path}"
+                            f"{'' if split == 'val' else f' --split {split}'}` first")
         hint = f"; run `modsquad eval {path} --split {split}` first" if path.is_dir() else ""
-        raise UserError(f"baseline {file} not found{hint}")
+        raise UserError(f"{role} {file} not found{hint}")
     try:
         data = json.loads(file.read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"baseline {file}: not a readable JSON file ({e})") from None
+        raise UserError(f"{role} {file}: not a readable JSON file ({e})") from None
     metrics = data.get("metrics", data) if isinstance(data, dict) else None
     if not isinstance(metrics, dict):
-        raise UserError(f"baseline {file}: expected {{task: {{metric: value}}}} or a `modsquad eval` metrics.json")
+        raise UserError(f"{role} {file}: expected {{task: {{metric: value}}}} or a `modsquad eval` metrics.json")
     return metrics
 
 
