@@ -77,7 +77,10 @@ def data_synth(out: Path = typer.Argument(..., help="Folder to write the suite t
                buildings: int = typer.Option(None, "--buildings", help="Scene families (split unit); default "
                                              "max(3, min(8, images // 16))."),
                workers: int = typer.Option(1, "--workers", help="Processes that render in parallel.")):
-    """Render the built-in synthetic suite: indoor scenes with exact labels for 14 Taskonomy domains."""
+    """Render the built-in synthetic suite: indoor scenes with exact labels for 14 Taskonomy domains.
+
+    Example: modsquad data synth data/synthetic --images 256 --size 128 --workers 2
+    """
     from .data import synthesize
 
     s = synthesize(out, images=images, size=size, seed=seed, buildings=buildings, workers=workers)
@@ -98,7 +101,10 @@ def data_check(root: Path = typer.Argument(..., help="Dataset root."),
                tasks: str = typer.Option(None, "--tasks", help="Comma-separated tasks that must be trainable "
                                          "(default: every task with a folder)."),
                max_samples: int = typer.Option(None, "--max-samples", help="Check an evenly spread subset.")):
-    """List missing, unreadable and wrong-shaped files per domain; exit 2 if a requested task cannot be trained."""
+    """List missing, unreadable and wrong-shaped files per domain; exit 2 if a requested task cannot be trained.
+
+    Example: modsquad data check data/taskonomy --tasks depth_euclidean,normal
+    """
     from rich.table import Table
 
     from .data import check_dataset
@@ -284,7 +290,10 @@ def bench(checkpoint: Path = typer.Argument(..., help="Run directory or .safeten
           threads: int | None = typer.Option(None, "--threads", help="CPU threads while measuring."),
           dense_baseline: bool = typer.Option(True, "--dense-baseline/--no-dense-baseline",
                                               help="Also measure a same-shape dense timm ViT per task.")):
-    """Pruned vs full vs dense timm: params, FLOPs, latency, throughput, memory, metrics -> bench.json/md/png."""
+    """Pruned vs full vs dense timm: params, FLOPs, latency, throughput, memory, metrics -> bench.json/md/png.
+
+    Example: modsquad bench runs/tiny --extracted runs/tiny/extracted --batch 1,32 --out runs/tiny/bench
+    """
     from .bench import benchmark, summary_table, write_report
 
     result = benchmark(checkpoint, extracted, tasks=_csv(tasks), batch_sizes=_batch_sizes(batch), device=device,
@@ -305,7 +314,10 @@ def demo(out: Path = typer.Option(Path("demo_out"), "--out", help="Folder for ev
          size: int | None = typer.Option(None, "--size", help="Image size in pixels."),
          device: str = typer.Option("cpu", "--device", help="cpu, cuda or auto."),
          threads: int = typer.Option(1, "--threads", help="torch CPU threads (1 suits the tiny model best).")):
-    """Synthesise a suite, train with the MI loss, evaluate, extract every task, benchmark pruned vs full."""
+    """Synthesise a suite, train with the MI loss, evaluate, extract every task, benchmark pruned vs full.
+
+    Example: modsquad demo --out demo_out   (about 3 minutes on 2 CPU cores; --quick for a smoke run)
+    """
     from .demo import run_demo
 
     run_demo(out, images=images, steps=steps, size=size, quick=quick, device=device, threads=threads,
@@ -349,7 +361,10 @@ def usage_cmd(checkpoint: Path = typer.Argument(..., help="Run directory or .saf
               batch_size: int | None = typer.Option(None, "--batch-size", help="Images per forward."),
               workers: int = typer.Option(0, "--workers", help="DataLoader worker processes."),
               device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.")):
-    """Count how often each task selects each expert of every MoE layer -> usage.json, usage.png."""
+    """Count how often each task selects each expert of every MoE layer -> usage.json, usage.png.
+
+    Example: modsquad usage runs/tiny --out runs/tiny/usage
+    """
     from .engine.checkpoint import resolve_checkpoint
     from .extract.usage import compute_usage, save_usage
 
@@ -380,7 +395,10 @@ def extract_cmd(checkpoint: Path = typer.Argument(..., help="Run directory or .s
                 onnx: bool = typer.Option(False, "--onnx", help="Also export model.onnx, checked with onnxruntime."),
                 check_images: int = typer.Option(4, "--check-images", help="Images to compare with the full model."),
                 device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.")):
-    """Write a standalone model per task with only the experts it uses -> OUT/<task>/{model.safetensors, config.json}."""
+    """Write a standalone model per task with only the experts it uses -> OUT/<task>/{model.safetensors, config.json}.
+
+    Example: modsquad extract runs/tiny --out runs/tiny/extracted --mass 0.99 --onnx
+    """
     from rich.table import Table
 
     from .extract.export import extract
@@ -413,7 +431,10 @@ def predict_cmd(model: Path = typer.Argument(..., help="Extracted model director
                                                 "(default: all)."),
                 batch_size: int = typer.Option(8, "--batch-size", help="Images per forward."),
                 device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.")):
-    """Predict image files with a standalone (or full) model and write colourised PNGs."""
+    """Predict image files with a standalone (or full) model and write colourised PNGs.
+
+    Example: modsquad predict runs/tiny/extracted/normal photo.jpg --out preds
+    """
     from .predict import predict_images
 
     paths = predict_images(model, images, out=out, tasks=_csv(task), device=device, batch_size=batch_size)
