@@ -67,8 +67,10 @@ def plan_dispatch(indices: torch.Tensor, num_experts: int) -> DispatchPlan:
     num_tokens, top_k = indices.shape
     flat = indices.reshape(-1)
     expert_index, order = torch.sort(flat, stable=True)
-    # scatter_add instead of bincount: bincount syncs with the host on GPUs to size its output
-    counts = torch.zeros(num_experts, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+    if flat.device.type == "cpu":
+        counts = torch.bincount(flat, minlength=num_experts)
+    else:  # scatter_add instead of bincount: bincount syncs with the host on GPUs to size its output
+        counts = torch.zeros(num_experts, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
     inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
     return DispatchPlan(
         order=order,
@@ -76,7 +78,7 @@ def plan_dispatch(indices: torch.Tensor, num_experts: int) -> DispatchPlan:
         token_index=torch.div(order, top_k, rounding_mode="floor"),
         expert_index=expert_index,
         counts=counts,
-        offsets=counts.cumsum(0).to(torch.int32),
+        offsets=counts.cumsum(0, dtype=torch.int32),
         num_tokens=num_tokens,
         top_k=top_k,
     )
@@ -117,18 +119,30 @@ class _GatherTokens(torch.autograd.Function):
         return rows.view(-1, ctx.top_k, rows.shape[-1]).sum(dim=1), None, None, None
 
 
+def _needs_grad(t: torch.Tensor) -> bool:
+    """Whether autograd will record an op on `t`; if not, the custom Functions above are skipped (their
+    forwards are plain index_selects, so results are identical, minus the Python autograd overhead)."""
+    return t.requires_grad and torch.is_grad_enabled()
+
+
 def gather_tokens(x: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
     """x: [T, D] -> [S, D], the token of every sorted row (each token appears k times)."""
+    if not _needs_grad(x):
+        return x.index_select(0, plan.token_index)
     return _GatherTokens.apply(x, plan.token_index, plan.order, plan.top_k)
 
 
 def sort_rows(rows: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
     """rows: [T * k, D] in (token, slot) order -> [S, D] sorted by expert."""
+    if not _needs_grad(rows):
+        return rows.index_select(0, plan.order)
     return _PermuteRows.apply(rows, plan.order)
 
 
 def unsort_rows(rows: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
     """rows: [S, D] sorted by expert -> [T * k, D] in (token, slot) order."""
+    if not _needs_grad(rows):
+        return rows.index_select(0, plan.inverse)
     return _PermuteRows.apply(rows, plan.inverse)
 
 
@@ -142,21 +156,14 @@ def combine(y_sorted: torch.Tensor, weights: torch.Tensor, plan: DispatchPlan) -
 
 
 class _AddExpertBias(torch.autograd.Function):
-    """out + bias[expert of each row], in place on `out`; the backward sums each expert's rows with one matmul
-    against the one-hot experts (autograd's default for a gather, an index_add, is serial on CPUs).
-
-    With `splits` (rows per expert, known on the host) each expert's slice gets its bias row added in place,
-    one pass over `out`; without, the bias rows are gathered first (no host sync, for accelerators).
+    """out + bias[expert of each row], in place on `out` (one gathered add); the backward sums each expert's rows
+    with one matmul against the one-hot experts (autograd's default for a gather, an index_add, is serial on CPUs).
     """
 
     @staticmethod
-    def forward(ctx, out, bias, one_hot, expert_index, splits):
+    def forward(ctx, out, bias, one_hot, expert_index):
         ctx.save_for_backward(one_hot)
-        if splits is None:
-            out.add_(bias.index_select(0, expert_index))
-        else:
-            for rows, b in zip(out.split(splits), bias.unbind(0), strict=True):
-                rows.add_(b)
+        out.add_(bias.index_select(0, expert_index))
         ctx.mark_dirty(out)
         return out
 
@@ -164,7 +171,7 @@ class _AddExpertBias(torch.autograd.Function):
     def backward(ctx, grad):
         (one_hot,) = ctx.saved_tensors
         grad_bias = one_hot.t() @ grad if ctx.needs_input_grad[1] else None
-        return grad, grad_bias, None, None, None
+        return grad, grad_bias, None, None
 
 
 class _ContiguousGrad(torch.autograd.Function):
@@ -241,9 +248,12 @@ def grouped_matmul(x_sorted: torch.Tensor, weight: torch.Tensor, plan: DispatchP
         parts = [chunk @ experts[e] for e, chunk in enumerate(x_sorted.split(plan.splits)) if chunk.shape[0] > 0]
         out = torch.cat(parts) if parts else x_sorted.new_zeros(0, weight.shape[-1])
     if bias is not None:
-        # on CPUs the row counts are host values anyway (free); elsewhere the loop path has already synced
-        splits = plan.splits if out.device.type == "cpu" or not grouped else None
-        out = _AddExpertBias.apply(out, bias, plan.expert_one_hot(out.dtype), plan.expert_index, splits)
+        # gathered bias rows (one index_select + one add): cheaper than E in-place slice adds at small sizes and
+        # no slower at large ones; the same sums either way
+        if _needs_grad(out) or _needs_grad(bias):
+            out = _AddExpertBias.apply(out, bias, plan.expert_one_hot(out.dtype), plan.expert_index)
+        else:
+            out.add_(bias.index_select(0, plan.expert_index))
     if grouped and out.requires_grad:
         out = _ContiguousGrad.apply(out)
     return out
