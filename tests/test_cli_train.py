@@ -4,7 +4,6 @@ the synthetic suite does not exist yet and is rendered by `train` from the confi
 import json
 
 import pytest
-import torch
 import yaml
 from typer.testing import CliRunner
 
@@ -26,13 +25,7 @@ def _output(result) -> str:
     return " ".join(result.output.split())  # stdout and stderr, unwrapped
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """A dim-32 model: thread hand-offs would dominate every op."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # a dim-32 model: thread hand-offs would dominate
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 
 import pytest
-import torch
 
 from modsquad.config import config_from_dict
 
@@ -41,12 +40,8 @@ def tiny_config_dict(root, **sections) -> dict:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Ops on a dim-32 model are so small that thread hand-offs dominate: one thread is ~3x faster here."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread_for_engine_tests(one_thread):
+    """Every engine test runs tiny models on one torch thread (tests/conftest.py)."""
 
 
 @pytest.fixture(scope="session")
