@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test test-fast demo bench lint clean
+.PHONY: venv test test-fast test-threads demo bench lint clean
 
 venv: $(STAMP)
 
@@ -20,11 +20,21 @@ test: venv
 test-fast: venv
 	$(BIN)/python -m pytest -q -m "not slow"
 
+# CI's threads mode: the tests of numerics across shapes (MoE, models, adding tasks, training) again at exactly 1
+# and 2 torch threads (tests/conftest.py reads MODSQUAD_TEST_THREADS), so a test that passes only at some thread
+# count fails here instead of on a user's machine.
+THREAD_TESTS := tests/moe tests/models tests/test_add_tasks.py
+test-threads: venv
+	MODSQUAD_TEST_THREADS=1 $(BIN)/python -m pytest -q $(THREAD_TESTS)
+	MODSQUAD_TEST_THREADS=2 $(BIN)/python -m pytest -q $(THREAD_TESTS) tests/engine
+
 demo: venv
 	$(BIN)/modsquad demo --out demo_out
 
+# MoE layers vs timm, then the paper-scale model rows (modsquad_vit_s vs dense ViT-S); CUDA: tools/bench_cuda.sh
 bench: venv
 	$(BIN)/python tools/bench_moe.py --out bench_out/moe.json
+	$(BIN)/python tools/bench_model.py --out bench_out/model.json
 
 lint: venv
 	$(BIN)/ruff check modsquad tests tools

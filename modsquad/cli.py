@@ -11,6 +11,12 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
+
+try:  # typer >= 0.2x carries its own copy of click; its usage errors are that copy's classes
+    from typer._click.exceptions import NoArgsIsHelpError, UsageError
+except ImportError:  # pragma: no cover - typer on the public click
+    from click.exceptions import NoArgsIsHelpError, UsageError
 
 from . import __version__
 from .errors import UserError
@@ -30,14 +36,34 @@ class _App(typer.Typer):
             raise SystemExit(2) from None
 
 
+class _OneLineUsageErrors(TyperGroup):
+    """Bad option values and unknown options of a command (`--steps abc`) as one line and exit 2, like every
+    other user error, instead of click's usage box."""
+
+    def invoke(self, ctx: typer.Context):
+        try:
+            return super().invoke(ctx)
+        except NoArgsIsHelpError:
+            raise
+        except UsageError as e:
+            where = e.ctx.command_path if e.ctx is not None else ctx.command_path
+            err_console.print(f"[bold red]error:[/] {e.format_message()} (see `{where} --help`)", highlight=False)
+            raise typer.Exit(2) from None
+
+
 app = _App(name="modsquad", help="Multi-task vision with mixture-of-experts ViTs (Mod-Squad and friends).",
-           no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+           no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, cls=_OneLineUsageErrors)
 data_app = typer.Typer(help="Make and check datasets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
 
+#: OS errors that only a user's path can cause (a file where a folder goes, no permission, ...): printed like
+#: UserErrors as a last line of defence, for paths the library did not check itself.
+_PATH_ERRORS = (FileExistsError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
 def user_errors(fn):
-    """Print `UserError`s as one red line and exit 2 instead of showing a traceback."""
+    """Print `UserError`s (and path errors) as one red line and exit 2 instead of showing a traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -46,8 +72,32 @@ def user_errors(fn):
         except UserError as e:
             err_console.print(f"[bold red]error:[/] {e}", highlight=False)
             raise typer.Exit(2) from None
+        except _PATH_ERRORS as e:
+            where = f"{e.filename}: " if e.filename else ""
+            err_console.print(f"[bold red]error:[/] {where}{e.strerror or e}", highlight=False)
+            raise typer.Exit(2) from None
 
     return wrapper
+
+
+def _out_dir(path: Path | None, option: str = "--out") -> Path | None:
+    """OutputPathError before any work when an output folder is an existing file (or lies under one)."""
+    from .errors import OutputPathError
+
+    if path is None:
+        return None
+    for p in (path, *path.parents):
+        if p.exists() and not p.is_dir():
+            raise OutputPathError(f"{option} {path}: {p} is an existing file, not a folder; choose another path")
+    return path
+
+
+def _at_least(option: str, value: int | float | None, low: int = 1) -> None:
+    """ConfigError unless `value` is None or a number >= `low` (0 never silently means 'default')."""
+    from .errors import ConfigError
+
+    if value is not None and not value >= low:  # `not >=` also catches NaN
+        raise ConfigError(f"{option} {value}: must be at least {low}")
 
 
 def _version(value: bool):
@@ -83,6 +133,10 @@ def data_synth(out: Path = typer.Argument(..., help="Folder to write the suite t
     """
     from .data import synthesize
 
+    _out_dir(out, "OUT")
+    for option, value in (("--images", images), ("--size", size), ("--buildings", buildings),
+                          ("--workers", workers)):
+        _at_least(option, value)
     s = synthesize(out, images=images, size=size, seed=seed, buildings=buildings, workers=workers)
     if s.reused:
         console.print(f"{out} already holds this suite ({s.images} images of {s.size}x{s.size}, seed {s.seed})")
@@ -109,6 +163,7 @@ def data_check(root: Path = typer.Argument(..., help="Dataset root."),
 
     from .data import check_dataset
 
+    _at_least("--max-samples", max_samples)
     report = check_dataset(root, format, tasks=_csv(tasks), max_samples=max_samples)
     table = Table(title=f"{root} ({report.format}, {report.samples} samples)")
     for col in ("domain", "found", "missing", "unreadable", "wrong shape"):
@@ -145,7 +200,8 @@ def train_cmd(config: Path = typer.Option(None, "--config", "-c", help="Run conf
                                             "its config.yaml is the base config (change it with --set)."),
               add_tasks: str = typer.Option(None, "--add-tasks", help="Comma-separated new tasks (with --from)."),
               freeze: str = typer.Option("none", "--freeze", help="With --from: experts (train only the new tasks' "
-                                         "routers, embeddings and heads; old tasks stay bit-identical), backbone "
+                                         "routers, embeddings and heads; old tasks' parameters stay bitwise "
+                                         "unchanged, their outputs equal to float rounding), backbone "
                                          "(only new heads) or none (everything)."),
               router_init_from: str = typer.Option(None, "--router-init-from", help="With --from: start the new "
                                                    "tasks' routers from this old task's (reuse its experts).")):
@@ -157,6 +213,8 @@ def train_cmd(config: Path = typer.Option(None, "--config", "-c", help="Run conf
     """
     from .errors import ConfigError
 
+    _out_dir(out)
+    _at_least("--stop-after", stop_after)
     if from_run is not None or add_tasks is not None or (resume and out and (out / "grow.json").is_file()):
         result = _train_add_tasks(config, overrides, out, resume, stop_after, from_run, add_tasks, freeze,
                                   router_init_from)
@@ -195,6 +253,8 @@ def _train(config, overrides, out, resume, stop_after):
         if not (resume and out):
             raise ConfigError("--config is required (only `--resume --out RUN` can reuse the run's config.yaml)")
         config = out / "config.yaml"
+        if not config.is_file():
+            raise ConfigError(f"{out}: nothing to resume (no config.yaml); start the run with --config")
     return train(load_config(config, overrides), out, resume=resume, stop_after=stop_after, console=console)
 
 
@@ -230,6 +290,10 @@ def eval_cmd(checkpoint: Path = typer.Argument(..., help="Run directory (best, e
     from .engine import evaluate
     from .engine.evaluate import metrics_table
 
+    _out_dir(out)
+    _at_least("--batch-size", batch_size)
+    _at_least("--max-images", max_images)
+    _at_least("--visualize", visualize, 0)
     result = evaluate(checkpoint, split, baseline or None, data_root=data_root, out=out,
                       task_baselines=_task_paths(task_baseline) or None, batch_size=batch_size,
                       max_images=max_images, device=device, visualize=visualize)
@@ -254,6 +318,7 @@ def compare_cmd(runs: list[Path] = typer.Argument(..., help="Run directories (ea
     """
     from .engine.compare import compare_runs, compare_table, write_compare
 
+    _out_dir(out)
     result = compare_runs(runs, baseline, split=split, flops=flops)
     paths = write_compare(result, out)
     console.print(compare_table(result))
@@ -289,16 +354,23 @@ def bench(checkpoint: Path = typer.Argument(..., help="Run directory or .safeten
           max_images: int = typer.Option(64, "--max-images", help="Images evaluated for metrics (0: none)."),
           threads: int | None = typer.Option(None, "--threads", help="CPU threads while measuring."),
           dense_baseline: bool = typer.Option(True, "--dense-baseline/--no-dense-baseline",
-                                              help="Also measure a same-shape dense timm ViT per task.")):
+                                              help="Also measure a same-shape dense timm ViT per task."),
+          compile: bool = typer.Option(False, "--compile", help="Time torch.compile'd models (compiled in "
+                                       "warm-up; needs a C++ compiler on CPU).")):
     """Pruned vs full vs dense timm: params, FLOPs, latency, throughput, memory, metrics -> bench.json/md/png.
 
     Example: modsquad bench runs/tiny --extracted runs/tiny/extracted --batch 1,32 --out runs/tiny/bench
     """
     from .bench import benchmark, summary_table, write_report
 
+    _out_dir(out)
+    _at_least("--repeats", repeats)
+    _at_least("--warmup", warmup, 0)
+    _at_least("--max-images", max_images, 0)
+    _at_least("--threads", threads)
     result = benchmark(checkpoint, extracted, tasks=_csv(tasks), batch_sizes=_batch_sizes(batch), device=device,
                        repeats=repeats, warmup=warmup, data=data, split=split, max_images=max_images,
-                       threads=threads, dense_baseline=dense_baseline, progress=True)
+                       threads=threads, dense_baseline=dense_baseline, progress=True, compile=compile)
     paths = write_report(result, out)
     console.print(summary_table(result))
     for kind, path in paths.items():
@@ -320,6 +392,9 @@ def demo(out: Path = typer.Option(Path("demo_out"), "--out", help="Folder for ev
     """
     from .demo import run_demo
 
+    _out_dir(out)
+    for option, value in (("--images", images), ("--steps", steps), ("--size", size), ("--threads", threads)):
+        _at_least(option, value)
     run_demo(out, images=images, steps=steps, size=size, quick=quick, device=device, threads=threads,
              console=console)
 
@@ -368,6 +443,10 @@ def usage_cmd(checkpoint: Path = typer.Argument(..., help="Run directory or .saf
     from .engine.checkpoint import resolve_checkpoint
     from .extract.usage import compute_usage, save_usage
 
+    _out_dir(out)
+    _at_least("--max-images", max_images)
+    _at_least("--batch-size", batch_size)
+    _at_least("--workers", workers, 0)
     report = compute_usage(checkpoint, data=data, data_format=data_format, split=split, max_images=max_images,
                            batch_size=batch_size, workers=workers, device=device)
     json_path, png_path = save_usage(report, out if out is not None else resolve_checkpoint(checkpoint).parent)
@@ -384,6 +463,8 @@ def extract_cmd(checkpoint: Path = typer.Argument(..., help="Run directory or .s
                                                        "exceeds T, in [0, 1) (default: every expert used once)."),
                 mass: float | None = typer.Option(None, "--mass", help="Keep the fewest experts carrying this "
                                                   "share of the routing, in (0, 1]."),
+                paper_threshold: bool = typer.Option(False, "--paper-threshold", help="Mod-Squad's rule: keep "
+                                                     "experts whose usage exceeds 3/k % (k = the layer's top-k)."),
                 usage: Path | None = typer.Option(None, "--usage", help="usage.json from `modsquad usage` "
                                                   "(default: count usage now)."),
                 data: Path | None = typer.Option(None, "--data", help=_DATA_HELP),
@@ -403,21 +484,46 @@ def extract_cmd(checkpoint: Path = typer.Argument(..., help="Run directory or .s
 
     from .extract.export import extract
 
+    _out_dir(out)
+    _at_least("--max-images", max_images)
+    _at_least("--batch-size", batch_size)
+    _at_least("--workers", workers, 0)
+    _at_least("--check-images", check_images)
+    if paper_threshold:
+        from .errors import ConfigError
+        from .extract.prune import PAPER
+
+        if threshold is not None or mass is not None:
+            raise ConfigError("--paper-threshold cannot be combined with --threshold or --mass")
+        threshold = PAPER
     results = extract(checkpoint, out, tasks=_csv(tasks), threshold=threshold, mass=mass, usage=usage, data=data,
                       data_format=data_format, split=split, max_images=max_images, batch_size=batch_size,
                       workers=workers, onnx=onnx, check_images=check_images, device=device)
     full = next(iter(results.values()))["params"]["full"]
     table = Table(title=f"Extracted into {out} (full model: {full:,} params)", title_justify="left")
-    for col in ("task", "experts kept", "params", "max |diff|", *(["onnx |diff|"] if onnx else [])):
+    for col in ("task", "experts kept", "params", "held-out coverage", "max |diff|", "counted |diff|",
+                *(["onnx |diff|"] if onnx else [])):
         table.add_column(col, justify="left" if col == "task" else "right", overflow="fold")
+
+    def fmt(value, spec):
+        return "n/a" if value is None else format(value, spec)
+
     for task, r in results.items():
         p = r["params"]
         kept = f"{sum(map(len, r['kept'].values()))}/{r['experts_total']}" + (" folded" if r["folded"] else "")
-        row = [task, kept, f"{p['extracted']:,} ({100 * p['extracted'] / p['full']:.0f}%)", f"{r['max_abs_diff']:.1e}"]
+        row = [task, kept, f"{p['extracted']:,} ({100 * p['extracted'] / p['full']:.0f}%)",
+               fmt(r["heldout"]["coverage"], ".2%"), f"{r['max_abs_diff']:.1e}",
+               fmt(r["counted"]["max_abs_diff"], ".1e")]
         table.add_row(*row, *([f"{r['onnx']['max_abs_diff']:.1e}"] if onnx else []))
     console.print(table)
-    check = next(iter(results.values()))["check_images"]
-    console.print(f"max |diff|: largest difference to the full model's output on {check['count']} {check['kind']}")
+    first = next(iter(results.values()))
+    check, held, counted = first["check_images"], first["heldout"], first["counted"]
+    console.print(f"held-out coverage: share of the full model's top-k choices on {held['images']} images of "
+                  f"split {held['split']} that lie inside the kept experts (usage counted on {counted['split']}); "
+                  f"counted |diff|: on the counting images, where keeping every used expert is exact",
+                  highlight=False, soft_wrap=True)
+    console.print(f"max |diff|: largest difference to the full model's output on {check['count']} {check['kind']}",
+                  highlight=False, soft_wrap=True)
 
 
 @app.command("predict")
@@ -430,13 +536,18 @@ def predict_cmd(model: Path = typer.Argument(..., help="Extracted model director
                 task: str | None = typer.Option(None, "--task", help="Comma-separated tasks of a full model "
                                                 "(default: all)."),
                 batch_size: int = typer.Option(8, "--batch-size", help="Images per forward."),
-                device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.")):
+                device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+                compile: bool = typer.Option(False, "--compile", help="torch.compile the model first (pays off "
+                                             "for many images; needs a C++ compiler on CPU).")):
     """Predict image files with a standalone (or full) model and write colourised PNGs.
 
     Example: modsquad predict runs/tiny/extracted/normal photo.jpg --out preds
     """
     from .predict import predict_images
 
-    paths = predict_images(model, images, out=out, tasks=_csv(task), device=device, batch_size=batch_size)
+    _out_dir(out)
+    _at_least("--batch-size", batch_size)
+    paths = predict_images(model, images, out=out, tasks=_csv(task), device=device, batch_size=batch_size,
+                           compile=compile)
     for path in paths:
         console.print(str(path), highlight=False)

@@ -13,6 +13,7 @@ schema: a misspelt key, a wrong type or a bad choice is a `ConfigError` naming t
 from __future__ import annotations
 
 import difflib
+import inspect
 import re
 import typing
 from collections.abc import Mapping, Sequence
@@ -61,6 +62,8 @@ class DataConfig:
     batch_size: int = 8
     synth: SynthConfig = field(default_factory=SynthConfig)
     on_error: str = "raise"  # raise | skip (unreadable samples)
+    #: PASCAL-Context: where normals count: benchmark (the 170 Context ids of the benchmark) | all | a file of ids
+    normals_valid_classes: str = "benchmark"
 
 
 @dataclass
@@ -72,17 +75,21 @@ class TrainConfig:
     lr: float = 4e-4
     lr_scale_batch: bool = False
     weight_decay: float = 0.05
+    adam_eps: float = 1e-8  # AdamW epsilon (the official Mod-Squad recipe uses 1e-4)
     warmup_steps: int = 0
     warmup_epochs: float = 0.0  # used when warmup_steps == 0
     min_lr: float = 1e-6
     clip_grad: float | None = None
     amp: str = "none"  # none | bf16
+    compile: bool = False  # torch.compile the training forward (the first steps are slower while it compiles)
     accum_steps: int = 1
     seed: int = 0
     log_every: int = 10  # steps
     eval_every: int = 0  # steps between evaluations; 0 = after every epoch
     weighting: str = "equal"  # equal | uncertainty | dwa (engine/weighting.py)
     weighting_kwargs: dict[str, Any] = field(default_factory=dict)
+    task_losses: dict[str, str] = field(default_factory=dict)  # task -> loss name replacing the task's default
+    loss_clamp: float | None = None  # clamp the total loss to +-this (official Mod-Squad: 1000); null = off
     drop_path: float | None = None  # null: the model preset's own drop_path_rate
     init_from: str | None = None  # dense timm checkpoint (name or path) to initialise from
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -95,7 +102,7 @@ class AuxConfig:
     mi: float = 0.0  # mutual information task<->expert (Mod-Squad: 0.005)
     balance: float = 0.0  # switch load balance
     z: float = 0.0  # router z-loss
-    task_prior: str = "uniform"  # P(task) in the MI loss: uniform | tokens
+    task_prior: str = "uniform"  # P(task) in the MI loss: uniform | tokens | official (token share, official 1e-4s)
 
 
 @dataclass
@@ -132,7 +139,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.format": ("synthetic", "taskonomy", "pascal_context"),
     "data.on_error": ("raise", "skip"),
     "train.amp": ("none", "bf16"),
-    "aux.task_prior": ("uniform", "tokens"),
+    "aux.task_prior": ("uniform", "tokens", "official"),
 }
 
 
@@ -155,6 +162,8 @@ def _read_yaml(path: Path) -> dict:
             raw = yaml.load(f, Loader=_Loader)
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML: {' '.join(str(e).split())}") from None
+    except (UnicodeDecodeError, OSError) as e:  # a binary file, a folder, no permission
+        raise ConfigError(f"{path}: not a readable YAML text file ({e.__class__.__name__})") from None
     if raw is None:
         return {}
     if not isinstance(raw, dict):
@@ -313,6 +322,15 @@ def _validate(cfg: DictConfig, source: str) -> None:
             fail(key, f"must be one of {', '.join(options)}; got {value!r}{hint}")
     if cfg.train.weighting not in WEIGHTINGS:
         fail("train.weighting", f"must be one of {', '.join(sorted(WEIGHTINGS))}; got {cfg.train.weighting!r}")
+    options = [p for p in inspect.signature(WEIGHTINGS[cfg.train.weighting].__init__).parameters
+               if p not in ("self", "tasks")]
+    for key in cfg.train.weighting_kwargs:
+        if key not in options:
+            fail(f"train.weighting_kwargs.{key}", f"not an option of weighting {cfg.train.weighting!r} "
+                                                  f"(options: {', '.join(options) or 'none'})")
+    patch = cfg.model.overrides.get("patch_size")
+    if isinstance(patch, int) and patch > 0 and isinstance(cfg.model.img_size, int) and cfg.model.img_size % patch:
+        fail("model.img_size", f"{cfg.model.img_size} is not a multiple of model.overrides.patch_size {patch}")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", cfg.train.device):
         fail("train.device", f"must be auto, cpu, cuda, cuda:N or mps; got {cfg.train.device!r}")
 
@@ -355,10 +373,10 @@ def _validate(cfg: DictConfig, source: str) -> None:
                     "aux.z": cfg.aux.z, "output.save_every": cfg.output.save_every,
                     "output.visualize": cfg.output.visualize}
     for key, value in positive.items():
-        if value <= 0:
+        if not value > 0:  # `not >` also refuses NaN
             fail(key, f"must be > 0; got {value}")
     for key, value in non_negative.items():
-        if value < 0:
+        if not value >= 0:
             fail(key, f"must be >= 0; got {value}")
     if cfg.train.epochs == 0 and cfg.train.steps == 0:
         fail("train.epochs", "set train.epochs or train.steps to more than 0")
@@ -366,6 +384,16 @@ def _validate(cfg: DictConfig, source: str) -> None:
         fail("train.drop_path", f"must be in [0, 1); got {cfg.train.drop_path}")
     if cfg.train.clip_grad is not None and cfg.train.clip_grad <= 0:
         fail("train.clip_grad", f"must be > 0 or null; got {cfg.train.clip_grad}")
+    if cfg.train.loss_clamp is not None and not cfg.train.loss_clamp > 0:
+        fail("train.loss_clamp", f"must be > 0 or null; got {cfg.train.loss_clamp}")
+    if not cfg.train.adam_eps > 0:
+        fail("train.adam_eps", f"must be > 0; got {cfg.train.adam_eps}")
+    from .tasks.losses import TASK_LOSSES
+    for task, loss in cfg.train.task_losses.items():
+        if task not in tasks:
+            fail(f"train.task_losses.{task}", f"not a task of this model ({', '.join(tasks)})")
+        if loss not in TASK_LOSSES:
+            fail(f"train.task_losses.{task}", f"unknown loss {loss!r}; known: {', '.join(sorted(TASK_LOSSES))}")
     for key in ("data.max_images", "eval.max_images", "eval.batch_size"):
         value = OmegaConf.select(cfg, key)
         if value is not None and value <= 0:

@@ -146,9 +146,12 @@ def run_demo(out: str | Path = "demo_out", *, images: int | None = None, steps: 
 
     console = console or Console()
     base = QUICK if quick else DEFAULT
-    plan = DemoSize(images=images or base.images, size=size or base.size, steps=steps or base.steps,
+    def given(value, default):  # 0 is a value (and refused by _check_plan), never "the default"
+        return default if value is None else value
+
+    plan = DemoSize(images=given(images, base.images), size=given(size, base.size), steps=given(steps, base.steps),
                     batch=base.batch, tasks=tuple(tasks) if tasks else base.tasks, bench_repeats=base.bench_repeats,
-                    bench_batch=base.bench_batch, mi=base.mi, mass=mass or base.mass, lr=base.lr,
+                    bench_batch=base.bench_batch, mi=base.mi, mass=given(mass, base.mass), lr=base.lr,
                     warmup=base.warmup, weighting=base.weighting)
     _check_plan(plan)
     out = Path(out)

@@ -32,3 +32,8 @@ class UnknownNameError(UserError, KeyError):
 
 class TrainingError(UserError):
     """Training cannot go on (for example a NaN/inf loss); the last good checkpoint is kept."""
+
+
+class OutputPathError(UserError):
+    """An output path cannot be written: a file stands where a folder is needed, or the reverse, or an output
+    would overwrite an input or another output."""

@@ -1,5 +1,7 @@
 """Adding a task to a trained run (`modsquad train --from RUN --add-tasks X --freeze experts`): the old tasks'
-outputs stay bit-identical through training, resume and the CLI; only the new task trains."""
+parameters stay bitwise unchanged through training, resume and the CLI, and so their outputs stay equal to float
+rounding (the grown model runs matmuls of other shapes, where BLAS may pick other kernels); only the new task
+trains."""
 
 import json
 
@@ -17,6 +19,8 @@ from modsquad.errors import ConfigError
 
 OLD = ["depth_euclidean", "normal"]
 NEW = "reshading"
+# equal to float rounding: never bitwise across matmul shapes (1 ulp seen on AMD EPYC)
+ROUNDING = dict(rtol=1e-5, atol=1e-6)
 MODEL = {"embed_dim": 32, "depth": 2, "num_heads": 2, "patch_size": 8, "moe_layout": "both", "attn_experts": 4,
          "attn_top_k": 2, "attn_head_dim": 16, "mlp_experts": 4, "mlp_top_k": 2, "mlp_expert_hidden": 32}
 
@@ -56,13 +60,29 @@ def images():
     return torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
 
+def assert_old_parameters_unchanged(base_run, grown, new=(NEW,)):
+    """The old tasks' parameters are bitwise the source run's: shared tensors whole, task-indexed ones on their
+    old rows (dim 0). Only the new task's head is new; usage counters are buffers and keep counting."""
+    old_state = load_model(base_run).state_dict()
+    for name, value in grown.state_dict().items():
+        if name.endswith("usage") or any(name.startswith(f"heads.{t}.") for t in new):
+            continue
+        ref = old_state[name]
+        assert torch.equal(value[:ref.shape[0]] if value.shape != ref.shape else value, ref), name
+
+
+def assert_outputs_close(before, after, tasks=OLD):
+    for task in tasks:
+        torch.testing.assert_close(after[task], before[task], **ROUNDING, msg=task)
+
+
 def _old_outputs(run, images, tasks=OLD, file=None):
     model = load_model(run / file if file else run)
     with torch.no_grad():
         return model(images, tasks=tasks)
 
 
-def test_frozen_experts_keep_old_tasks_bit_identical(base_run, images, tmp_path):
+def test_frozen_experts_keep_old_tasks_parameters_and_outputs(base_run, images, tmp_path):
     before = _old_outputs(base_run, images)
     out = tmp_path / "grown"
     result = train_add_tasks(base_run, [NEW], out, freeze="experts", router_init_from="normal",
@@ -73,9 +93,9 @@ def test_frozen_experts_keep_old_tasks_bit_identical(base_run, images, tmp_path)
     with torch.no_grad():
         after = grown(images, tasks=OLD)
         everything = grown(images)  # old outputs do not depend on the other tasks in the forward
-    for task in OLD:
-        assert torch.equal(before[task], after[task]), task
-        assert torch.equal(before[task], everything[task]), task
+    assert_old_parameters_unchanged(base_run, grown)
+    assert_outputs_close(before, after)
+    assert_outputs_close(before, everything)
     # the new task trained: its rows started as copies of normal's (--router-init-from normal) and moved
     assert not torch.equal(grown.task_embed[2], grown.task_embed[1])
     assert not torch.equal(grown.blocks[0].mlp.router.weight[2], grown.blocks[0].mlp.router.weight[1])
@@ -90,9 +110,9 @@ def test_frozen_experts_keep_old_tasks_bit_identical(base_run, images, tmp_path)
     # resuming re-applies the freezing
     result = train_add_tasks(None, None, out, resume=True, overrides=["train.steps=6"], progress=False)
     assert result.step == 6
+    assert_old_parameters_unchanged(base_run, load_model(out / "last.safetensors"))
     resumed = _old_outputs(out, images, file="last.safetensors")
-    for task in OLD:
-        assert torch.equal(before[task], resumed[task]), task
+    assert_outputs_close(before, resumed)
 
 
 def test_unfrozen_training_changes_old_tasks(base_run, images, tmp_path):
@@ -101,7 +121,7 @@ def test_unfrozen_training_changes_old_tasks(base_run, images, tmp_path):
     out = tmp_path / "unfrozen"
     train_add_tasks(base_run, [NEW], out, freeze="none", overrides=["train.steps=2"], progress=False)
     after = _old_outputs(out, images, file="last.safetensors")
-    assert not all(torch.equal(before[t], after[t]) for t in OLD)
+    assert not all(torch.allclose(before[t], after[t], rtol=1e-3, atol=1e-4) for t in OLD)
 
 
 def test_add_tasks_errors(base_run, tmp_path):
@@ -122,8 +142,8 @@ def test_cli_add_task_few_shot(base_run, images, tmp_path):
     result = runner.invoke(app, args)
     assert result.exit_code == 0, _output(result)
     assert "parameters train" in _output(result) and "2/2 steps" in _output(result)
-    after = _old_outputs(out, images, file="last.safetensors")
-    assert all(torch.equal(before[t], after[t]) for t in OLD)
+    assert_old_parameters_unchanged(base_run, load_model(out / "last.safetensors"))
+    assert_outputs_close(before, _old_outputs(out, images, file="last.safetensors"))
 
     result = runner.invoke(app, ["train", "--out", str(out), "--resume", "--set", "train.steps=3"])
     assert result.exit_code == 0, _output(result)

@@ -61,7 +61,7 @@ def _user_error(args, *expected):
 def test_usage(run_dir, tmp_path):
     result = _ok(["usage", run_dir, "--out", tmp_path])
     report = json.loads((tmp_path / "usage.json").read_text())
-    assert report["data"]["images"] == 4 and report["data"]["split"] == "val"
+    assert report["data"]["images"] == 4 and report["data"]["split"] == "train"  # counted on the training split
     assert sorted(report["counts"]) == sorted(TASKS)
     assert (tmp_path / "usage.png").stat().st_size > 0
     assert "90%/99%" in result.output and "segment_semantic" in result.output
@@ -70,12 +70,19 @@ def test_usage(run_dir, tmp_path):
 def test_extract_and_predict(run_dir, tmp_path):
     out = tmp_path / "ext"
     result = _ok(["extract", run_dir, "--out", out, "--tasks", "normal,depth_euclidean", "--onnx"])
-    assert "max |diff|" in result.output and "validation images" in result.output
+    assert "max |diff|" in result.output and "held-out val images" in result.output
+    assert "coverage" in result.output
     assert sorted(p.name for p in out.iterdir()) == ["depth_euclidean", "normal"]
     for task in ("normal", "depth_euclidean"):
         info = json.loads((out / task / "config.json").read_text())
-        assert info["max_abs_diff"] <= 1e-5  # every expert used on the val images is kept
-        assert info["check_images"] == {"count": 4, "kind": "validation images"}
+        # exact (to float rounding) on the images usage was counted on: every expert they used is kept
+        assert info["counted"]["split"] == "train" and info["counted"]["max_abs_diff"] <= 1e-5
+        # on held-out images only as far as the routing stays inside the kept experts: measured, not claimed
+        held = info["heldout"]
+        assert held["split"] == "val" and held["images"] == 4 and 0.0 <= held["coverage"] <= 1.0
+        if held["tokens_covered"] == 1.0:
+            assert held["max_abs_diff"] <= 1e-5
+        assert info["check_images"] == {"count": 4, "kind": "held-out val images"}
         assert info["params"]["extracted"] < info["params"]["full"]
         assert info["onnx"]["max_abs_diff"] <= 1e-4 and (out / task / "model.onnx").is_file()
 
@@ -93,6 +100,19 @@ def test_extract_with_usage_file_and_mass(run_dir, tmp_path):
          "--tasks", "segment_semantic"])
     info = json.loads((tmp_path / "ext" / "segment_semantic" / "config.json").read_text())
     assert info["selection"]["mode"] == "mass" and info["selection"]["mass"] == 0.5
+
+
+def test_every_expert_kept_is_exact_on_held_out_images(run_dir, tmp_path):
+    """With every expert kept, held-out coverage is 1 and the outputs equal the full model's to float rounding."""
+    _ok(["usage", run_dir, "--out", tmp_path])
+    report = json.loads((tmp_path / "usage.json").read_text())
+    report["counts"] = {t: {layer: [1] * len(row) for layer, row in rows.items()}
+                        for t, rows in report["counts"].items()}
+    (tmp_path / "usage.json").write_text(json.dumps(report))
+    _ok(["extract", run_dir, "--out", tmp_path / "ext", "--usage", tmp_path / "usage.json", "--tasks", "normal"])
+    info = json.loads((tmp_path / "ext" / "normal" / "config.json").read_text())
+    assert info["heldout"]["split"] == "val" and info["heldout"]["coverage"] == 1.0
+    assert info["heldout"]["max_abs_diff"] <= 1e-5 and info["counted"]["max_abs_diff"] <= 1e-5
 
 
 # --- bad input: one line, exit 2, nothing written ----------------------------------------------------------

@@ -39,7 +39,8 @@ def test_variants_inherit_from_base():
     base, shared = load_config(CONFIGS[0].parent / "taskonomy_vit_s.yaml"), None
     shared = load_config(CONFIGS[0].parent / "taskonomy_vit_s_shared.yaml")
     assert shared.model.overrides.router == "shared" and list(shared.model.tasks) == list(base.model.tasks)
-    assert shared.train.lr == base.train.lr == 4e-4 and shared.train.weighting == "uncertainty"
+    assert shared.train.lr == base.train.lr == 6e-4 and shared.train.weighting == "uncertainty_official"
+    assert shared.train.adam_eps == base.train.adam_eps == 1e-4 and shared.train.loss_clamp == 1000
     dense = load_config(CONFIGS[0].parent / "synthetic_tiny_dense.yaml")
     assert dense.model.name == "dense_vit_tiny" and dense.aux.mi == 0.0
 
@@ -48,7 +49,7 @@ def test_paper_settings():
     cfg = load_config(CONFIGS[0].parent / "taskonomy_vit_s.yaml")
     assert (cfg.model.img_size, cfg.data.resize, cfg.train.weight_decay, cfg.train.drop_path, cfg.aux.mi) == \
         (224, 256, 0.05, 0.1, 0.005)
-    assert cfg.train.lr_scale_batch and cfg.train.weighting == "uncertainty" and len(cfg.model.tasks) == 13
+    assert cfg.train.lr_scale_batch and cfg.train.weighting == "uncertainty_official" and len(cfg.model.tasks) == 13
 
 
 def test_typo_names_key_file_and_suggestion(tmp_path):

@@ -56,6 +56,10 @@ DEFINITIONS = {
     "peak_mem_mb": "weights + input + peak bytes of tensors alive during one forward at the throughput batch "
                    "(CUDA: torch.cuda.max_memory_allocated; CPU: tensor storages tracked by a dispatch mode)",
     "max_abs_diff": "max |pruned(x) - full(x, tasks=[task])[task]| over the evaluated val images",
+    "heldout_coverage": "share of the full model's top-k expert choices (all MoE layers, tokens of the task) on "
+                        "the evaluated images that lie inside the extracted model's kept experts; held_out tells "
+                        "whether those images are another split than the one usage was counted on (exactness "
+                        "of usage-based pruning holds only where coverage is 1)",
     "dense_timm": "baseline: a single-task dense timm VisionTransformer of the checkpoint's shape (patch size, "
                   "width, depth, heads, MLP ratio; no MoE, no task embedding) plus the task's head, random "
                   "weights (cost only, no metrics); ratios pruned_vs_dense and full_vs_dense divide by it",
@@ -416,7 +420,7 @@ def _val_data(ckpt_path: Path, model: nn.Module, data: str | Path | None, split:
     data.root) or, for a bare checkpoint, from `data` read as Taskonomy layout; (None, {}) when there is no
     data to evaluate or `max_images` is 0."""
     from ..data import build_dataset
-    from ..engine.evaluate import build_split, metric_kwargs, prepare_data_root
+    from ..engine.evaluate import build_split, metric_kwargs, prepare_data_root, resolve_data_root
 
     if max_images <= 0:
         return None, {}
@@ -424,15 +428,17 @@ def _val_data(ckpt_path: Path, model: nn.Module, data: str | Path | None, split:
     if cfg_path.is_file():
         from ..config import load_config
 
-        cfg = load_config(cfg_path)
+        cfg = resolve_data_root(load_config(cfg_path), cfg_path.parent)  # relative roots: to the run folder
         if data is not None:
-            cfg.data.root = str(data)
+            cfg.data.root = str(Path(data).absolute())
         split = split or cfg.eval.split
         root = prepare_data_root(cfg)
         dataset = build_split(cfg, split, train=False, max_images=max_images, root=root)
         kwargs = metric_kwargs(cfg, list(model.tasks))
     elif data is not None:
         root, split, kwargs = Path(data), split or "val", {}
+        if not root.is_dir():
+            raise DataError(f"--data {root} does not exist or is not a folder")
         dataset = build_dataset("taskonomy", root, list(model.tasks), split, model.config["img_size"], train=False,
                                 max_images=max_images)
     else:
@@ -441,6 +447,28 @@ def _val_data(ckpt_path: Path, model: nn.Module, data: str | Path | None, split:
         raise DataError(f"{root}: the {split!r} split has no images")
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=False, num_workers=0)
     return ValData(str(root), split, list(loader)), kwargs
+
+
+def _heldout_coverage(model: nn.Module, subs: dict[str, nn.Module], val: ValData | None) -> dict[str, dict]:
+    """Per task: how often the full model's routing on the evaluated images stays inside the extracted model's
+    kept experts (`modsquad.extract.usage.routing_coverage`), and whether those images are held out (another
+    split than the one usage was counted on). {} without evaluated images."""
+    from ..extract.usage import routing_coverage
+
+    if val is None:
+        return {}
+    kept = {t: {name: layer["kept"] for name, layer in (sub.info.get("layers") or {}).items()}
+            for t, sub in subs.items()}
+    report, images = routing_coverage(model, val.batches, kept)
+    out = {}
+    for t, sub in subs.items():
+        selection = sub.info.get("selection") or {}
+        usage = selection.get("usage") if isinstance(selection.get("usage"), dict) else {}
+        counted = selection.get("counted_split") or usage.get("split")
+        out[t] = {"split": val.split, "images": images, "usage_split": counted,
+                  "held_out": None if counted is None else counted != val.split,
+                  "coverage": report[t]["coverage"], "tokens_covered": report[t]["tokens_covered"]}
+    return out
 
 
 def _random_images(model: nn.Module, batch: int, device: torch.device) -> torch.Tensor:
@@ -512,7 +540,8 @@ def _entry(params: int, flops: int, latency: list[float], throughput: list[float
 def benchmark(checkpoint: str | Path, extracted: str | Path, *, tasks: Sequence[str] | None = None,
               batch_sizes: Sequence[int] = (1, 32), device: str | torch.device = "cpu", repeats: int = 20,
               warmup: int = 3, data: str | Path | None = None, split: str | None = None, max_images: int = 64,
-              threads: int | None = None, dense_baseline: bool = True, progress: bool = False) -> dict:
+              threads: int | None = None, dense_baseline: bool = True, progress: bool = False,
+              compile: bool = False) -> dict:
     """Measure the full model, every extracted model of `extracted` and, per task, a dense timm ViT of the same
     shape (`dense_timm_baseline`) side by side; returns bench.json's dict.
 
@@ -529,6 +558,7 @@ def benchmark(checkpoint: str | Path, extracted: str | Path, *, tasks: Sequence[
         dense_baseline: also measure the dense timm baseline per task ("dense_timm" and the ratios
             "pruned_vs_dense" / "full_vs_dense" in each task's entry); False skips it.
         progress: show a rich progress bar.
+        compile: time `torch.compile`d models (compiled during warm-up; FLOPs, memory, metrics stay eager).
     """
     from ..engine.checkpoint import load_model, resolve_checkpoint
     from ..extract.standalone import load_extracted
@@ -572,9 +602,12 @@ def benchmark(checkpoint: str | Path, extracted: str | Path, *, tasks: Sequence[
         steps.describe("FLOPs")
         flops = {k: count_flops(fn, x_lat[:1]) for k, fn in fns.items()}
         steps.describe(f"latency, batch {b_lat}")
-        lat = time_interleaved(fns, x_lat, repeats, warmup, on_round=steps.advance)
-        steps.describe(f"throughput, batch {b_thr}")
-        thr = time_interleaved(fns, x_thr, repeats, warmup, on_round=steps.advance)
+        timed = {k: torch.compile(fn) for k, fn in fns.items()} if compile else fns
+        # every "full/<task>" is a recompile of the same forward: room for all of them (and both batch sizes)
+        with torch._dynamo.config.patch(recompile_limit=max(8, 2 * len(fns))):
+            lat = time_interleaved(timed, x_lat, repeats, max(warmup, int(compile)), on_round=steps.advance)
+            steps.describe(f"throughput, batch {b_thr}")
+            thr = time_interleaved(timed, x_thr, repeats, max(warmup, int(compile)), on_round=steps.advance)
         steps.describe("peak memory")
         peak = {}
         for k, fn in fns.items():
@@ -590,10 +623,12 @@ def benchmark(checkpoint: str | Path, extracted: str | Path, *, tasks: Sequence[
     def entry(key: str, metrics: dict | None = None) -> dict:
         return _entry(params[key], flops[key], lat[key], thr[key], b_thr, peak[key], metrics)
 
+    coverage = _heldout_coverage(model, subs, val)
     result_tasks = {}
     for t in tasks:
         pruned, full = entry(t, metrics.get(t, {})), entry(f"full/{t}", full_metrics.get(t, {}))
-        result_tasks[t] = {**pruned, "full": full, "max_abs_diff": diffs[t], "ratios": ratios(pruned, full)}
+        result_tasks[t] = {**pruned, "full": full, "max_abs_diff": diffs[t], "ratios": ratios(pruned, full),
+                           "heldout_coverage": coverage.get(t)}
         if t in dense:
             base = entry(f"dense/{t}")
             result_tasks[t]["dense_timm"] = base
@@ -607,6 +642,7 @@ def benchmark(checkpoint: str | Path, extracted: str | Path, *, tasks: Sequence[
         "device_name": _device_name(device),
         "torch": torch.__version__,
         "threads": n_threads,
+        "compiled": bool(compile),
         "batch_sizes": {"latency": b_lat, "throughput": b_thr},
         "repeats": repeats,
         "warmup": warmup,

@@ -247,7 +247,7 @@ def plot(result: dict, path: str | Path) -> Path:
     fig.suptitle(f"modsquad bench ({result['device']}, torch {result['torch']})", fontsize=11)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, format="png")
     plt.close(fig)
     return path
 
@@ -265,10 +265,11 @@ def _json_safe(value):
 
 def write_report(result: dict, out: str | Path) -> dict[str, Path]:
     """Write bench.json, bench.md and bench.png under `out`; returns {"json", "md", "png"} -> path."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out / "bench.json", "md": out / "bench.md", "png": out / "bench.png"}
-    paths["json"].write_text(json.dumps(_json_safe(result), indent=2, allow_nan=False) + "\n")
-    paths["md"].write_text(markdown(result))
-    plot(result, paths["png"])
-    return paths
+    from ..core.atomic import atomic_write, ensure_dir
+
+    out = ensure_dir(out, "bench --out")
+    text, md = json.dumps(_json_safe(result), indent=2, allow_nan=False) + "\n", markdown(result)
+    # each file atomically: a kill leaves the previous report's file or the new one, never a torn one
+    return {"json": atomic_write(out / "bench.json", lambda p: p.write_text(text)),
+            "md": atomic_write(out / "bench.md", lambda p: p.write_text(md)),
+            "png": atomic_write(out / "bench.png", lambda p: plot(result, p))}

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError, UnknownNameError
-from ..tasks.registry import PASCAL_CONTEXT_TASKS, decode_depth, decode_unit16
+from ..tasks.registry import PASCAL_CONTEXT_TASKS, class_vector_problem, decode_depth, decode_unit16
 from . import pascal_context as pc
 from .io import read_any, read_rgb
 from .taskonomy import (
@@ -38,7 +38,8 @@ def normalise_format(format: str) -> str:
 @dataclass
 class DomainReport:
     """Files of one domain: how many exist, which samples lack one, which are unreadable or wrong-shaped
-    (entries are "path: reason" strings)."""
+    (entries are "path: reason" strings). Class vectors that are neither logits nor a distribution (see
+    `class_vector_problem`) count as unreadable: they cannot be decoded as their task means."""
 
     domain: str
     found: int = 0
@@ -127,6 +128,10 @@ def _check_taskonomy(root: Path, tasks: Sequence[str] | None, split: str | None,
                     rep.wrong_shape.append(f"{path}: stored as {raw.dtype}, {t} is {np.dtype(want).name}")
                     continue
                 target, _ = spec.decode(raw)
+                problem = class_vector_problem(t, raw) if spec.kind == "classification" else None
+                if problem:
+                    rep.unreadable.append(f"{path}: {t} vector {problem}")
+                    continue
             except DataError as e:
                 rep.unreadable.append(str(e))
                 continue

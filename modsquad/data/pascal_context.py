@@ -8,13 +8,16 @@
     ROOT/sal_distill/<id>.png                       8-bit, salient where x / 255 > 0.5
     ROOT/pascal-context/trainval/<id>.mat           `LabelMap`; edges are the boundaries between its labels
 
-Differences from the reference loaders: edges are the pixels whose right or lower neighbour has another label
-(one pixel wide, no skimage thinning); normals are valid wherever the stored vector is not degenerate unless
-`normals_valid_classes` (Context label ids) is given, which reproduces the benchmark's masking from `LabelMap`.
+Normals are scored, as in the benchmark, only on pixels whose `LabelMap` class is one of the 170 Context classes
+that are NYU classes (plus tvmonitor): `normals_valid_classes="benchmark"` (the default; the id list ships as
+`pascal_normals_classes.json`), "all" for every pixel with a non-degenerate stored normal, or explicit ids.
+Difference from the reference loaders: edges are the pixels whose right or lower neighbour has another label (one
+pixel wide, no skimage thinning).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,6 +33,8 @@ from .transforms import JointTransform
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val")
+NORMALS_CLASSES_FILE = Path(__file__).with_name("pascal_normals_classes.json")
+NORMALS_CLASS_CHOICES = ("benchmark", "all")
 VOC_PERSON = 15
 #: PASCAL-Part person part names -> the 6 groups of the benchmark (0 = background).
 HUMAN_PART_GROUPS = {
@@ -40,6 +45,39 @@ HUMAN_PART_GROUPS = {
     **dict.fromkeys(("luleg", "ruleg"), 5),
     **dict.fromkeys(("llleg", "rlleg", "lfoot", "rfoot"), 6),
 }
+
+
+def benchmark_normals_classes() -> np.ndarray:
+    """The 170 Context label ids on which the benchmark scores normals (int64 [170])."""
+    return np.asarray(json.loads(NORMALS_CLASSES_FILE.read_text())["ids"], dtype=np.int64)
+
+
+def resolve_normals_classes(value: str | Sequence[int] | None, field: str = "data.normals_valid_classes"
+                            ) -> np.ndarray | None:
+    """Context ids on which normals count, from "benchmark", "all" / None (no class mask), a list of ids, or
+    a file (a JSON list, a JSON object with "ids", or one id a line); DataError naming `field` otherwise."""
+    if value is None or (isinstance(value, str) and value == "all"):
+        return None
+    if isinstance(value, str) and value == "benchmark":
+        return benchmark_normals_classes()
+    if isinstance(value, (str, Path)):
+        path = Path(value).expanduser()
+        if not path.is_file():
+            raise DataError(f"{field}: {value!r} is neither {' nor '.join(NORMALS_CLASS_CHOICES)} nor a file of "
+                            f"Context class ids")
+        text = path.read_text()
+        try:
+            data = json.loads(text)
+            value = data["ids"] if isinstance(data, dict) else data
+        except (json.JSONDecodeError, KeyError, TypeError):
+            value = text.split()
+    try:
+        ids = np.asarray([int(v) for v in value], dtype=np.int64)
+    except (TypeError, ValueError):
+        raise DataError(f"{field}: expected Context class ids (integers), got {value!r}") from None
+    if ids.size == 0:
+        raise DataError(f"{field}: the list of Context class ids is empty (use 'all' to keep every pixel)")
+    return ids
 
 
 def image_ids(root: str | Path, split: str) -> list[str]:
@@ -126,7 +164,15 @@ def decode_label(root: str | Path, task: str, image_id: str, hw: tuple[int, int]
         valid = norm > 0.5
         target = n / np.maximum(norm, 1e-6)
         if normals_valid_classes is not None:
-            valid &= np.isin(load_label_map(task_path(root, "edge", image_id)), normals_valid_classes)
+            label_path = task_path(root, "edge", image_id)
+            if not label_path.is_file():
+                raise DataError(f"missing file {label_path}: the normals class mask reads its LabelMap "
+                                f"(set data.normals_valid_classes=all to score every pixel)")
+            label_map = load_label_map(label_path)
+            if label_map.shape != n.shape[1:]:
+                raise DataError(f"wrong shape {label_path}: {label_map.shape[0]}x{label_map.shape[1]}, normals "
+                                f"are {n.shape[1]}x{n.shape[2]}")
+            valid &= np.isin(label_map, normals_valid_classes)
     else:
         labels = load_label_map(path)
         target, valid = label_boundaries(labels)[None], np.ones(labels.shape, bool)
@@ -149,13 +195,14 @@ class PascalContextDataset(SkippingDataset):
         img_size: output side S (the benchmark uses 512).
         train: augment (random resized crop with `scale`, flip, colour jitter) or only resize.
         max_images, on_error, transform: as for `TaskonomyDataset`.
-        normals_valid_classes: Context label ids on which normals count (needs pascal-context/trainval/*.mat).
+        normals_valid_classes: where normals count: "benchmark" (the 170 Context ids of the benchmark, read from
+            pascal-context/trainval/<id>.mat), "all" / None (every non-degenerate normal) or explicit Context ids.
     """
 
     def __init__(self, root: str | Path, tasks: Sequence[str] = PASCAL_CONTEXT_TASKS, split: str = "train",
                  img_size: int = 512, train: bool = False, *, max_images: int | None = None,
                  on_error: str = "raise", transform=None, scale: tuple[float, float] = (0.5, 1.0),
-                 normals_valid_classes: Sequence[int] | None = None):
+                 normals_valid_classes: str | Sequence[int] | None = "benchmark"):
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
         unknown = [t for t in tasks if t not in PASCAL_CONTEXT_TASKS]
@@ -170,7 +217,7 @@ class PascalContextDataset(SkippingDataset):
         self.ids = [ids[i] for i in evenly_spaced(len(ids), max_images)]
         if not self.ids:
             raise DataError(f"split {split!r} of {self.root} lists no images")
-        self.normals_valid_classes = None if normals_valid_classes is None else np.asarray(normals_valid_classes)
+        self.normals_valid_classes = resolve_normals_classes(normals_valid_classes) if "normals" in tasks else None
         self.missing = {t: sum(not task_path(self.root, t, i).is_file() for i in self.ids) for t in self.tasks}
         for t, n in self.missing.items():
             if n == len(self.ids) and on_error == "raise":

@@ -19,8 +19,8 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import DataError, UnknownNameError
-from ..tasks.registry import IGNORE_INDEX, TaskSpec, get_task, list_tasks
-from .io import read_any, read_rgb
+from ..tasks.registry import IGNORE_INDEX, TaskSpec, decode_mask_valid, depth_has_mesh, get_task, list_tasks
+from .io import read_any, read_image, read_rgb
 from .transforms import JointTransform
 
 log = logging.getLogger(__name__)
@@ -30,6 +30,13 @@ NESTED = "taskonomy"  # omnidata layout: ROOT/<domain>/taskonomy/<building>/
 SPLITS_DIR = Path(__file__).resolve().parents[2] / "data" / "splits"
 SPLIT_SETS = ("tiny", "medium", "full", "fullplus")
 ON_ERROR = ("raise", "skip")
+#: Folder of the per-pixel validity masks the omnidata downloader ships (files `..._domain_depth_zbuffer.png`).
+MASK_VALID = "mask_valid"
+#: Tasks whose labels are meaningless where the camera sees no mesh: masked by the shared validity mask (depth
+#: >= 64500 and `mask_valid`), as the official Taskonomy training masks them.
+MESH_TASKS = ("depth_euclidean", "depth_zbuffer", "normal", "principal_curvature", "reshading", "edge_occlusion")
+#: Depth domains read for the validity mask, in order of preference (the official loader uses depth_zbuffer).
+MESH_DEPTHS = ("depth_zbuffer", "depth_euclidean")
 
 Key = tuple[str, int, int]  # (building, point, view)
 
@@ -193,8 +200,10 @@ class TaskonomyDataset(SkippingDataset):
 
     image: float32 [3, S, S] normalised with the ImageNet mean/std; targets/masks per task as the task registry
     describes them (dense: [C, S, S] / [S, S], segmentation long [S, S], classification [C] / 0-dim bool). A missing
-    label file gives a zero target and an all-False mask (counted in `missing`); invalid depth (65535) and other
-    invalid pixels are False in the mask.
+    label file gives a zero target and an all-False mask (counted in `missing`); invalid pixels of each encoding
+    (depth >= 64500, grey-128 normals, 0 curvature, segment id 0) are False in the mask. Pixels without mesh are
+    also masked for MESH_TASKS: a shared per-sample validity mask from `mask_valid/` (when the root has it) and
+    from depth (depth_zbuffer when the root has it, else a loaded depth_euclidean), as the official loader does.
 
     Args:
         root: dataset root.
@@ -208,12 +217,13 @@ class TaskonomyDataset(SkippingDataset):
         on_error: "raise" a DataError naming the file on corrupt or wrong-shaped files, or "skip" them with a
             logged warning (a bad label is treated as missing; a bad image moves on to the next sample).
         transform: a callable like `JointTransform` to use instead of the default.
+        mask_no_mesh: apply the shared validity mask to MESH_TASKS (False: each file's own invalid codes only).
     """
 
     def __init__(self, root: str | Path, tasks: Sequence[str], split: str | None = "train", img_size: int = 224,
                  train: bool = False, *, split_set: str | None = None, buildings: Sequence[str] | None = None,
                  max_images: int | None = None, on_error: str = "raise", transform=None,
-                 splits_dir: str | Path | None = None):
+                 splits_dir: str | Path | None = None, mask_no_mesh: bool = True):
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
         self.root, self.split, self.img_size, self.train = Path(root), split, int(img_size), bool(train)
@@ -251,6 +261,12 @@ class TaskonomyDataset(SkippingDataset):
                              for b, d in list(self.buildings_missing.items())[:10])
             log.warning("%s: %d buildings miss label files (masked out of losses and metrics): %s",
                         self.root, len(self.buildings_missing), desc)
+        self.mesh_sources: dict[str, dict[Key, Path]] = {}
+        if mask_no_mesh and any(t in MESH_TASKS for t in self.tasks):
+            for domain in (MASK_VALID, *MESH_DEPTHS):
+                index = self.paths.get(domain) or index_domain(self.root, domain, self.buildings)
+                if index and (domain == MASK_VALID or not any(d in self.mesh_sources for d in MESH_DEPTHS)):
+                    self.mesh_sources[domain] = index
         kinds = {t: s.kind for t, s in self.specs.items() if s.is_dense}
         self.transform = transform or JointTransform(self.img_size, self.train, kinds, crop="resize_crop")
         self.skipped = 0
@@ -265,10 +281,28 @@ class TaskonomyDataset(SkippingDataset):
     def image_dir(self) -> Path:
         return self.root / "rgb"
 
+    def mesh_mask(self, key: Key, hw: tuple[int, int]) -> np.ndarray | None:
+        """bool [H, W]: where the sample's pixels see the mesh (None when no source covers this sample).
+
+        AND of `mask_valid` (nonzero) and depth < 64500 from the first depth domain the root has.
+        """
+        mask = None
+        for domain, index in self.mesh_sources.items():
+            path = index.get(key)
+            if path is None:
+                continue
+            raw = read_image(path)
+            if tuple(raw.shape[:2]) != tuple(hw):
+                raise DataError(f"wrong shape {path}: {raw.shape[0]}x{raw.shape[1]}, rgb is {hw[0]}x{hw[1]}")
+            valid = decode_mask_valid(raw) if domain == MASK_VALID else depth_has_mesh(raw)
+            mask = valid if mask is None else mask & valid
+        return mask
+
     def _load(self, index: int) -> dict:
         key = self.samples[index]
         rgb = read_rgb(self.paths["rgb"][key])
         hw = rgb.shape[:2]
+        mesh = self.mesh_mask(key, hw) if self.mesh_sources else None
         dense, dense_valid, cls, cls_valid = {}, {}, {}, {}
         for task, spec in self.specs.items():
             path = self.paths[task].get(key)
@@ -285,6 +319,9 @@ class TaskonomyDataset(SkippingDataset):
                 log.warning("treating %s of %s as missing: %s", task, self.sample_id(index), e)
                 continue
             if spec.is_dense:
+                if mesh is not None and task in MESH_TASKS:
+                    valid = valid & mesh
+                    target[..., ~valid] = 0.0
                 dense[task], dense_valid[task] = target, valid
             else:
                 cls[task], cls_valid[task] = target, valid

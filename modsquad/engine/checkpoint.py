@@ -10,15 +10,20 @@ A checkpoint is one `.safetensors` file whose metadata holds
 so `load_model(path)` needs nothing but the file. A run directory (`runs/NAME/`) may be given instead of a file:
 `best.safetensors` is preferred, then `last.safetensors`. Every file is written atomically (temporary file in
 the same directory, then `os.replace`), so a crash never leaves a half-written checkpoint under the real name.
+
+A training checkpoint is several files (last, best, state.pt) that must match; `commit_run_checkpoint` writes
+them into a fresh folder `RUN/ckpt/<seq>/` and commits them all at once by atomically replacing the pointer
+`RUN/checkpoint.json`, then hard-links them to `RUN/last.safetensors`, `RUN/best.safetensors`, `RUN/state.pt`
+(for users and tools). A kill at any instant leaves the pointer on the previous or the new folder, both
+complete; `--resume` reads the pointer (`committed_run_files`) and repairs the top-level links.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+import shutil
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -27,41 +32,19 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .. import __version__
+from ..core.atomic import atomic_path, atomic_write, fsync_dir, fsync_file, link_or_copy
 from ..errors import CheckpointError, UserError
 
 FORMAT = "modsquad"
 RUN_DIR_CANDIDATES = ("best.safetensors", "last.safetensors")
-_UMASK = os.umask(0)
-os.umask(_UMASK)
+RUN_FILES = ("last.safetensors", "best.safetensors", "state.pt")
+POINTER = "checkpoint.json"
+POINTER_FORMAT = "modsquad-run-checkpoint"
+CKPT_DIR = "ckpt"
 
-
-@contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to `path`; on success it is fsynced and renamed onto `path`, on error
-    removed, so readers only ever see the old file or the complete new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
-    try:
-        yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def atomic_write(path: str | os.PathLike, write_fn: Callable[[Path], object]) -> Path:
-    """Call `write_fn(tmp_path)` to write the file, then move it onto `path` atomically; returns `path`.
-
-    Example: `atomic_write("runs/a/metrics.json", lambda p: p.write_text(text))`.
-    """
-    with atomic_path(path) as tmp:
-        write_fn(tmp)
-    return Path(path)
+__all__ = ["atomic_path", "atomic_write", "commit_run_checkpoint", "committed_run_files", "load_model",
+           "model_writer", "read_metadata", "read_model_config", "read_state_dict", "resolve_checkpoint",
+           "save_model", "sync_run_files"]
 
 
 def _plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -78,8 +61,9 @@ def _plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_model(path: str | os.PathLike, model: nn.Module, extra: dict | None = None) -> Path:
-    """Write `model`'s weights and config (`model.config`) to a safetensors file, atomically; returns `path`."""
+def model_writer(model: nn.Module, extra: dict | None = None) -> Callable[[str | os.PathLike], None]:
+    """A function writing `model`'s weights and config (`model.config`) as safetensors to the path it is given
+    (not atomically by itself: pass it to `atomic_write` or `commit_run_checkpoint`)."""
     config = getattr(model, "config", None)
     if not isinstance(config, dict):
         raise TypeError(f"{type(model).__name__} has no dict `config`; only modsquad models can be saved")
@@ -89,7 +73,111 @@ def save_model(path: str | os.PathLike, model: nn.Module, extra: dict | None = N
             raise ValueError(f"extra metadata key {key!r} is reserved")
         metadata[str(key)] = value if isinstance(value, str) else json.dumps(value)
     state = _plain_state_dict(model)
-    return atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=metadata))
+    return lambda path: save_file(state, str(path), metadata=metadata)
+
+
+def save_model(path: str | os.PathLike, model: nn.Module, extra: dict | None = None) -> Path:
+    """Write `model`'s weights and config (`model.config`) to a safetensors file, atomically; returns `path`."""
+    return atomic_write(path, model_writer(model, extra))
+
+
+# --- run checkpoints: several files committed as one unit -------------------------------------------------
+
+def _read_pointer(run_dir: Path) -> dict | None:
+    path = run_dir / POINTER
+    if not path.is_file():
+        return None
+    try:
+        pointer = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: unreadable checkpoint pointer ({e})") from None
+    if (not isinstance(pointer, dict) or pointer.get("format") != POINTER_FORMAT
+            or not isinstance(pointer.get("dir"), str) or not isinstance(pointer.get("files"), list)):
+        raise CheckpointError(f"{path}: not a modsquad checkpoint pointer")
+    return pointer
+
+
+def committed_run_files(run_dir: str | os.PathLike) -> dict[str, Path] | None:
+    """{file name: path} of the run's committed checkpoint (RUN/checkpoint.json), or None for a run that has
+    none (not trained yet, or written by an older modsquad: then only the top-level files exist)."""
+    run_dir = Path(run_dir)
+    pointer = _read_pointer(run_dir)
+    if pointer is None:
+        return None
+    folder = run_dir / pointer["dir"]
+    files = {name: folder / name for name in pointer["files"]}
+    missing = [name for name, p in files.items() if not p.is_file()]
+    if missing:
+        raise CheckpointError(f"{run_dir / POINTER}: committed checkpoint {folder} lacks {', '.join(missing)} "
+                              f"(files removed by hand?)")
+    return files
+
+
+def _next_seq(ckpt: Path) -> int:
+    seqs = [int(p.name) for p in ckpt.iterdir() if p.name.isdigit()] if ckpt.is_dir() else []
+    return max(seqs, default=0) + 1
+
+
+def commit_run_checkpoint(run_dir: str | os.PathLike, writers: Mapping[str, Callable[[Path], object]],
+                          carry: Sequence[str] = ("best.safetensors",), info: Mapping | None = None) -> Path:
+    """Write the files of one checkpoint (`writers`: name -> fn(path)) and commit them as one unit.
+
+    Files named in `carry` that the previous checkpoint has and `writers` does not are carried over (hard
+    links). Order: write + fsync every file into a staging folder, rename it to `RUN/ckpt/<seq>`, atomically
+    replace `RUN/checkpoint.json` (the commit), link the files to the run's top level, delete older folders.
+    Returns the committed folder.
+    """
+    run_dir = Path(run_dir)
+    ckpt = run_dir / CKPT_DIR
+    ckpt.mkdir(parents=True, exist_ok=True)
+    previous = committed_run_files(run_dir) or {}
+    if not previous:  # a run of an older modsquad: carry its top-level files
+        previous = {name: run_dir / name for name in carry if (run_dir / name).is_file()}
+    seq = _next_seq(ckpt)
+    final = ckpt / f"{seq:06d}"
+    staging = ckpt / f".staging-{seq:06d}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    for name, write in writers.items():
+        write(staging / name)
+        fsync_file(staging / name)
+    for name in carry:
+        if name not in writers and name in previous:
+            link_or_copy(previous[name], staging / name)
+    fsync_dir(staging)
+    os.replace(staging, final)
+    fsync_dir(ckpt)
+    pointer = {"format": POINTER_FORMAT, "dir": f"{CKPT_DIR}/{final.name}", "files": sorted(os.listdir(final)),
+               **dict(info or {})}
+    atomic_write(run_dir / POINTER, lambda p: p.write_text(json.dumps(pointer, indent=1) + "\n"))
+    sync_run_files(run_dir)
+    return final
+
+
+def sync_run_files(run_dir: str | os.PathLike) -> None:
+    """Make `RUN/last.safetensors` etc. the committed checkpoint's files (hard links, each replaced atomically)
+    and delete checkpoint folders that are not committed (older ones, or one a kill left uncommitted)."""
+    run_dir = Path(run_dir)
+    files = committed_run_files(run_dir)
+    if files is None:
+        return
+    for name, src in files.items():
+        top = run_dir / name
+        if top.is_file() and os.path.samefile(top, src):
+            continue
+        tmp = run_dir / f".{name}.link"
+        tmp.unlink(missing_ok=True)
+        link_or_copy(src, tmp)
+        os.replace(tmp, top)
+    fsync_dir(run_dir)
+    keep = next(iter(files.values())).parent.name
+    for entry in (run_dir / CKPT_DIR).iterdir():
+        if entry.name == keep:
+            continue
+        if entry.is_dir():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
 
 
 def resolve_checkpoint(path_or_run_dir: str | os.PathLike) -> Path:

@@ -23,6 +23,7 @@ from omegaconf import DictConfig
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from ..core.atomic import ensure_dir
 from ..errors import CheckpointError, DataError, UserError
 from .checkpoint import atomic_write, load_model, read_metadata, resolve_checkpoint
 from .distributed import DistContext, resolve_device, shard_range
@@ -40,8 +41,26 @@ def synthetic_root(cfg: DictConfig) -> Path:
     return Path("data") / "synthetic" / f"{s.images}x{s.size}_seed{s.seed}"
 
 
-def prepare_data_root(cfg: DictConfig, ctx: DistContext | None = None) -> Path:
-    """The dataset root of `cfg`; a synthetic suite that does not exist yet is rendered first.
+def resolve_data_root(cfg: DictConfig, base: str | Path) -> DictConfig:
+    """Make a relative data.root of `cfg` absolute against `base` (the run folder for a run's config.yaml, the
+    working directory for a config given on the command line), in place; returns `cfg`."""
+    if cfg.data.root and not Path(cfg.data.root).expanduser().is_absolute():
+        cfg.data.root = os.path.normpath((Path(base) / cfg.data.root).absolute())
+    elif cfg.data.root:
+        cfg.data.root = str(Path(cfg.data.root).expanduser())
+    return cfg
+
+
+def synth_command(cfg: DictConfig, root: Path) -> str:
+    """The `modsquad data synth` command that renders the synthetic suite `cfg` describes into `root`."""
+    s = cfg.data.synth
+    return f"modsquad data synth {root} --images {s.images} --size {s.size} --seed {s.seed}"
+
+
+def prepare_data_root(cfg: DictConfig, ctx: DistContext | None = None, render: bool = False) -> Path:
+    """The dataset root of `cfg`. A synthetic suite that does not exist yet is rendered when `render` (training,
+    whose config asks for it), else it is a DataError that says how to make it: nothing is rendered that the
+    user did not ask for.
 
     Rendering is deterministic (data.synth settings) and goes to a temporary folder that is renamed into
     place, so an interrupted or concurrent render never leaves half a dataset. In DDP, rank 0 renders and the
@@ -50,8 +69,18 @@ def prepare_data_root(cfg: DictConfig, ctx: DistContext | None = None) -> Path:
     if cfg.data.format != "synthetic":
         if not cfg.data.root:
             raise DataError(f"data.root is not set (data.format {cfg.data.format!r} needs the dataset folder)")
-        return Path(cfg.data.root)
+        root = Path(cfg.data.root)
+        if not root.is_dir():
+            raise DataError(f"data root {root} does not exist or is not a folder (data.root, or --data-root)")
+        return root
     root = synthetic_root(cfg)
+    if root.exists() and not root.is_dir():
+        raise DataError(f"data root {root} is a file, not a dataset folder")
+    if not render:
+        if not (root.is_dir() and any(root.iterdir())):
+            raise DataError(f"data root {root} does not exist or is empty; render the synthetic suite with "
+                            f"`{synth_command(cfg, root)}` (or pass the dataset's folder)")
+        return root
     is_main = ctx is None or ctx.is_main
     if is_main and not (root.is_dir() and any(root.iterdir())):
         from ..data import synthesize
@@ -94,6 +123,8 @@ def build_split(cfg: DictConfig, split: str, train: bool, max_images: int | None
         kinds = {t: get_task(t).kind for t in cfg.model.tasks if get_task(t).is_dense}
         kw["transform"] = JointTransform(cfg.model.img_size, True, kinds,
                                          crop="random_resized_crop" if pascal else "resize_crop", **aug)
+    if cfg.data.format == "pascal_context":
+        kw["normals_valid_classes"] = cfg.data.normals_valid_classes
     return build_dataset(cfg.data.format, str(root), list(cfg.model.tasks), split=split, img_size=cfg.model.img_size,
                          train=train, max_images=max_images, on_error=cfg.data.on_error,
                          split_set=cfg.data.split_set, **kw)
@@ -130,7 +161,7 @@ def evaluate_model(model: nn.Module, dataset: Dataset, *, batch_size: int = 8, w
     `vis_dir/<id>.png` (main process only).
     """
     from ..tasks.metrics import MultiTaskMetrics
-    from ..tasks.visualize import make_grid, save_prediction_png
+    from ..tasks.visualize import make_grid
 
     device = torch.device(device) if device is not None else next(model.parameters()).device
     tasks = list(model.tasks)
@@ -153,12 +184,24 @@ def evaluate_model(model: nn.Module, dataset: Dataset, *, batch_size: int = 8, w
                 for i in range(min(visualize - drawn, images.shape[0])):
                     grid = make_grid(images[i], {t: p[i] for t, p in preds.items()},
                                      {t: v[i] for t, v in targets.items()}, {t: v[i] for t, v in masks.items()})
-                    save_prediction_png(Path(vis_dir) / f"{_sample_name(batch, i, drawn)}.png", grid)
+                    _write_png(Path(vis_dir) / f"{_sample_name(batch, i, drawn)}.png", grid)
                     drawn += 1
     finally:
         model.train(was_training)
     metrics.sync()
     return metrics.compute()
+
+
+def _write_png(path: Path, image) -> Path:
+    """uint8 RGB [H, W, 3] (or grey [H, W]) as a PNG, written atomically."""
+    import cv2
+    import numpy as np
+
+    arr = np.ascontiguousarray(image)
+    ok, buf = cv2.imencode(".png", cv2.cvtColor(arr, cv2.COLOR_RGB2BGR) if arr.ndim == 3 else arr)
+    if not ok:
+        raise DataError(f"cannot encode a PNG for {path}")
+    return atomic_write(path, lambda tmp: tmp.write_bytes(buf.tobytes()))
 
 
 def _sample_name(batch: Mapping, i: int, n: int) -> str:
@@ -234,14 +277,15 @@ def load_baseline(baseline: str | Path | Sequence[str | Path] | None = None,
 # --- evaluate a checkpoint ------------------------------------------------------------------------------
 
 def run_config(checkpoint: str | Path) -> DictConfig:
-    """The config.yaml saved beside a checkpoint by `modsquad train`."""
+    """The config.yaml saved beside a checkpoint by `modsquad train`; a relative data.root in it is relative to
+    the run folder."""
     from ..config import load_config
 
     path = resolve_checkpoint(checkpoint).parent / "config.yaml"
     if not path.is_file():
         raise CheckpointError(f"{path} not found: eval reads the run's data settings from the config.yaml that "
                               f"`modsquad train` saves beside its checkpoints")
-    return load_config(path)
+    return resolve_data_root(load_config(path), path.parent)
 
 
 def evaluate(checkpoint: str | Path, split: str | None = None,
@@ -260,14 +304,23 @@ def evaluate(checkpoint: str | Path, split: str | None = None,
     from ..tasks import get_task
     from ..tasks.metrics import delta_m
 
+    for name, value in (("batch_size", batch_size), ("max_images", max_images)):
+        if value is not None and value < 1:
+            raise UserError(f"evaluate: {name} must be at least 1, got {value}")
+    if out is not None:
+        ensure_dir(out, "--out")
     ckpt = resolve_checkpoint(checkpoint)
+    read_metadata(ckpt)  # a file that is no modsquad checkpoint says so before its missing config.yaml does
     cfg = run_config(ckpt)
     if data_root is not None:
-        cfg.data.root = str(data_root)
+        cfg.data.root = str(Path(data_root).absolute())
     split = split or cfg.eval.split
     dev = resolve_device(device)
     model = load_model(ckpt, map_location=dev)
     tasks = list(model.tasks)
+    if tasks != list(cfg.model.tasks):
+        raise CheckpointError(f"{ckpt} has tasks {tasks} but its {ckpt.parent / 'config.yaml'} lists "
+                              f"{list(cfg.model.tasks)}; the checkpoint belongs to another run")
     try:
         dataset = build_split(cfg, split, train=False, max_images=max_images or cfg.eval.max_images)
     except FileNotFoundError as e:

@@ -34,8 +34,8 @@ def param_groups(model: nn.Module, weight_decay: float, skip: Iterable[str] = ()
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.05,
-                    extra: Iterable[nn.Parameter] = (), betas: tuple[float, float] = (0.9, 0.999)
-                    ) -> torch.optim.AdamW:
+                    extra: Iterable[nn.Parameter] = (), betas: tuple[float, float] = (0.9, 0.999),
+                    eps: float = 1e-8) -> torch.optim.AdamW:
     """AdamW over `model` (decay groups from `param_groups`) plus undecayed `extra` params (loss weights).
 
     `model.no_weight_decay()` is used when the model defines it; the param order is deterministic so that an
@@ -46,7 +46,7 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.05,
     extra = [p for p in extra if p.requires_grad]
     if extra:
         groups.append({"params": extra, "weight_decay": 0.0})
-    return torch.optim.AdamW(groups, lr=lr, betas=betas)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
 
 
 def warmup_cosine(step: int, total_steps: int, warmup_steps: int = 0, min_ratio: float = 0.0) -> float:

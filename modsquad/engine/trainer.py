@@ -13,7 +13,8 @@ Run directory (`runs/NAME/`), every file written atomically:
     last.safetensors   weights after the last saved step (metadata: step, epoch, model config)
     best.safetensors   weights at the best evaluation: highest mean delta_m over tasks' primary metrics,
                        against eval.baseline / eval.task_baselines when set, else against the run's first
-                       evaluation (so one number ranks multi-task progress and no task's scale dominates)
+                       evaluation (so one number ranks multi-task progress and no task's scale dominates);
+                       tasks whose reference value is 0 are left out of the mean (`score_skips` in the log)
     state.pt           optimizer, scheduler, loss weighting, step/epoch, RNG states (python, numpy, torch,
                        per rank), best score; `torch.load(..., weights_only=True)` reads it
     metrics.jsonl      one JSON object per log step ({"kind": "train", ...}) and per eval ({"kind": "eval"}),
@@ -25,6 +26,7 @@ Resuming on the same device is bit-exact: the data order and every sample's augm
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import random
@@ -44,8 +46,19 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..errors import CheckpointError, ConfigError, DataError, TrainingError, UserError
-from .checkpoint import atomic_write, read_metadata, read_model_config, read_state_dict, save_model
+from ..core.atomic import ensure_dir
+from ..errors import CheckpointError, ConfigError, DataError, OutputPathError, TrainingError, UserError
+from .checkpoint import (
+    POINTER,
+    atomic_write,
+    commit_run_checkpoint,
+    committed_run_files,
+    model_writer,
+    read_metadata,
+    read_model_config,
+    read_state_dict,
+    sync_run_files,
+)
 from .distributed import (
     DistContext,
     EpochBatchSampler,
@@ -63,6 +76,8 @@ from .evaluate import (
     load_baseline,
     metric_kwargs,
     prepare_data_root,
+    resolve_data_root,
+    synthetic_root,
 )
 from .optim import build_optimizer, build_scheduler
 
@@ -168,6 +183,11 @@ class Trainer:
         from ..config import effective_lr, save_config
         from .weighting import build_weighting
 
+        # a relative data.root means: relative to the run folder in a run's config.yaml (resume), to the working
+        # directory in a config given now; config.yaml stores it absolute, so the run works from any folder
+        cfg = resolve_data_root(copy.deepcopy(cfg), Path(out) if resume else Path.cwd())
+        if cfg.data.format == "synthetic" and not cfg.data.root:
+            cfg.data.root = str(synthetic_root(cfg).absolute())
         self.cfg, self.out, self.stop_after = cfg, Path(out), stop_after
         self.ctx: DistContext = init_distributed(cfg.train.device)
         self.device = self.ctx.device
@@ -178,8 +198,20 @@ class Trainer:
         self.accum = cfg.train.accum_steps
         self._check_run_dir(resume)
 
+        # model first (same init on every rank): a config it cannot be built from fails before data is rendered
+        _seed_all(cfg.train.seed)
+        try:
+            self.model = self._build_model() if model is None else model.to(self.device)
+        except (TypeError, ValueError) as e:  # option values the model cannot be built from
+            raise ConfigError(f"model {cfg.model.name!r} cannot be built from model.overrides "
+                              f"{dict(cfg.model.overrides)}: {e}") from None
+        patch = getattr(self.model, "patch_size", 1)
+        if cfg.model.img_size % patch:
+            raise ConfigError(f"model.img_size {cfg.model.img_size}: must be a multiple of the model's patch size "
+                              f"{patch}")
+
         # data: the order of every epoch is a function of (seed, epoch), see distributed.EpochBatchSampler
-        root = prepare_data_root(cfg, self.ctx)
+        root = prepare_data_root(cfg, self.ctx, render=True)
         self.train_set = build_split(cfg, cfg.data.train_split, train=True, max_images=cfg.data.max_images,
                                      root=root)
         self.val_set = None
@@ -203,14 +235,16 @@ class Trainer:
         self.total_steps = cfg.train.steps or cfg.train.epochs * self.steps_per_epoch
         warmup = cfg.train.warmup_steps or round(cfg.train.warmup_epochs * self.steps_per_epoch)
 
-        # model (same init on every rank), loss weighting, optimizer, schedule
-        _seed_all(cfg.train.seed)
-        self.model = self._build_model() if model is None else model.to(self.device)
+        # loss weighting, optimizer, schedule
         weighting_kwargs = OmegaConf.to_container(cfg.train.weighting_kwargs, resolve=True)
-        self.weighting = build_weighting(cfg.train.weighting, self.tasks, **weighting_kwargs).to(self.device)
+        try:
+            self.weighting = build_weighting(cfg.train.weighting, self.tasks, **weighting_kwargs).to(self.device)
+        except TypeError as e:
+            raise ConfigError(f"train.weighting_kwargs {weighting_kwargs}: not options of weighting "
+                              f"{cfg.train.weighting!r} ({e})") from None
         self.lr = effective_lr(cfg, self.ctx.world_size)
         self.optimizer = build_optimizer(self.model, self.lr, cfg.train.weight_decay,
-                                         extra=self.weighting.parameters())
+                                         extra=self.weighting.parameters(), eps=cfg.train.adam_eps)
         self.scheduler = build_scheduler(self.optimizer, self.total_steps, warmup, cfg.train.min_lr)
         self.aux_weights = {k: float(cfg.aux[k]) for k in AUX_TERMS}
 
@@ -224,10 +258,12 @@ class Trainer:
         if resume:
             self._load_state()
         elif self.ctx.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
+            ensure_dir(self.out, "run folder")
             atomic_write(self.out / "config.yaml", lambda p: save_config(cfg, p))
             (self.out / "metrics.jsonl").unlink(missing_ok=True)
         self.ddp_model = self._wrap_ddp(self.model)
+        if cfg.train.get("compile", False):  # the training forward only; checkpoints keep self.model's names
+            self.ddp_model = torch.compile(self.ddp_model)
         self.writer = _summary_writer(self.out) if self.ctx.is_main else None
         self._log_sums: dict[str, torch.Tensor] = {}
         self._log_count = 0
@@ -245,7 +281,9 @@ class Trainer:
             self.console.print(msg, highlight=False)
 
     def _check_run_dir(self, resume: bool) -> None:
-        has_run = (self.out / "state.pt").is_file()
+        if self.out.exists() and not self.out.is_dir():
+            raise OutputPathError(f"run folder {self.out} is an existing file; choose another --out")
+        has_run = (self.out / POINTER).is_file() or (self.out / "state.pt").is_file()
         if resume and not has_run:
             raise CheckpointError(f"{self.out}: nothing to resume (no state.pt); drop --resume to start a new run")
         if not resume and has_run:
@@ -317,18 +355,21 @@ class Trainer:
         if not self.ctx.is_main:
             return
         extra = {"step": self.step, "epoch": self.epoch, "run": self.cfg.name}
-        save_model(self.out / "last.safetensors", self.model, extra)
+        files = {"last.safetensors": model_writer(self.model, extra)}
         if best:
-            save_model(self.out / "best.safetensors", self.model, {**extra, "score": self.best_score})
-        atomic_write(self.out / "state.pt", lambda p: torch.save(state, p))
+            files["best.safetensors"] = model_writer(self.model, {**extra, "score": self.best_score})
+        files["state.pt"] = lambda p: torch.save(state, p)
+        # one unit: a kill at any instant leaves the previous or this checkpoint committed, never a mix
+        commit_run_checkpoint(self.out, files, info={"step": self.step, "epoch": self.epoch})
 
     def _load_state(self) -> None:
-        path = self.out / "state.pt"
+        committed = committed_run_files(self.out)  # None: a run of an older modsquad, top-level files only
+        path = committed["state.pt"] if committed else self.out / "state.pt"
+        last = committed["last.safetensors"] if committed else self.out / "last.safetensors"
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
             raise CheckpointError(f"{path}: cannot read training state ({e})") from None
-        last = self.out / "last.safetensors"
         meta = read_metadata(last)
         if int(meta.get("step", -1)) != state["step"]:
             raise CheckpointError(f"{last} is from step {meta.get('step')} but {path} from step {state['step']}; "
@@ -354,6 +395,7 @@ class Trainer:
             self._print(f"[yellow]resuming with {self.ctx.world_size} processes instead of {len(rng)}: same data "
                         f"order, but RNG streams (drop path) restart[/]")
         if self.ctx.is_main:
+            sync_run_files(self.out)  # a kill after the last commit may have left older top-level links
             self._truncate_log()
         self._print(f"resumed {self.out} at step {self.step} (epoch {self.epoch})")
 
@@ -418,7 +460,8 @@ class Trainer:
 
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             preds = self.ddp_model(images, tasks=self.tasks)
-        losses = {t: task_loss(get_task(t), preds[t], targets[t], masks.get(t)) for t in self.tasks}
+        losses = {t: task_loss(get_task(t), preds[t], targets[t], masks.get(t),
+                               loss=self.cfg.train.task_losses.get(t)) for t in self.tasks}
         total, weights = self.weighting(losses, self.epoch)
         terms = {f"loss/{t}": v for t, v in losses.items()}
         for name, value in self.model.aux_losses().items():
@@ -426,6 +469,8 @@ class Trainer:
             if self.aux_weights.get(name, 0.0):
                 total = total + self.aux_weights[name] * value
         terms["loss"] = total
+        if self.cfg.train.loss_clamp is not None:  # the official recipe's guard: no gradient past +-clamp
+            total = total.clamp(-self.cfg.train.loss_clamp, self.cfg.train.loss_clamp)
         return total, terms, weights
 
     def _check_finite(self, terms: dict[str, torch.Tensor]) -> None:
@@ -490,7 +535,7 @@ class Trainer:
 
     def evaluate(self) -> dict | None:
         """Validation metrics now (None without a val set); tracks the best score. Collective under DDP."""
-        from ..tasks.metrics import delta_m
+        from ..tasks.metrics import delta_m, zero_baseline_tasks
 
         if self.val_set is None:
             return None
@@ -500,16 +545,22 @@ class Trainer:
                                  metric_kwargs=metric_kwargs(cfg, self.model.tasks), visualize=cfg.output.visualize,
                                  vis_dir=self.out / "predictions")
         self.reference = self.reference or metrics
+        # Tasks whose reference value is 0 (an untrained model's first mIoU / F) have no relative change: they are
+        # left out of the score's mean (logged as score_skips); until some task has a score, each evaluation
+        # counts as the best, so best.safetensors always exists after the first evaluation.
         try:
-            score = delta_m(metrics, self.reference, self.tasks)["mean"]
-        except UserError:  # a task without a usable primary metric in the reference
-            score = math.nan
-        self._improved = math.isfinite(score) and (self.best_score is None or score > self.best_score)
-        if self._improved:
+            score = delta_m(metrics, self.reference, self.tasks, skip_zero_baselines=True)["mean"]
+            skips = zero_baseline_tasks(self.reference, self.tasks)
+        except UserError:  # a task missing from the reference
+            score, skips = math.nan, list(self.tasks)
+        self._improved = self.best_score is None if not math.isfinite(score) else \
+            self.best_score is None or score > self.best_score
+        if self._improved and math.isfinite(score):
             self.best_score = score
         self.last_metrics, self._eval_step = metrics, self.step
         self._log({"kind": "eval", "step": self.step, "epoch": self.epoch, "metrics": metrics,
-                   "score": score if math.isfinite(score) else None, "best": self._improved})
+                   "score": score if math.isfinite(score) else None, "best": self._improved,
+                   **({"score_skips": skips} if skips else {})})
         primary = ", ".join(f"{t} {m.get(_primary(t)):.4g}" for t, m in metrics.items())
         self._print(f"step {self.step}: {primary}; score {score:+.2f}{' (best)' if self._improved else ''}")
         return metrics

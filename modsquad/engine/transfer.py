@@ -22,7 +22,7 @@ from pathlib import Path
 from rich.console import Console
 
 from ..errors import CheckpointError, ConfigError
-from .checkpoint import atomic_write, load_model, resolve_checkpoint
+from .checkpoint import atomic_write, committed_run_files, load_model, resolve_checkpoint
 
 GROW_FILE = "grow.json"
 
@@ -81,7 +81,9 @@ def train_add_tasks(source: str | Path | None, new_tasks: Sequence[str] | None, 
         grow = _read_grow(out)
         new_tasks, freeze = grow["new_tasks"], grow["freeze"]
         cfg = load_config(out / "config.yaml", overrides)
-        model = load_model(out / "last.safetensors")  # the trainer loads the same weights and the optimizer
+        committed = committed_run_files(out)  # the checkpoint --resume continues from (see checkpoint.py)
+        # the trainer loads the same weights and the optimizer; this only rebuilds the grown architecture
+        model = load_model(committed["last.safetensors"] if committed else out / "last.safetensors")
     else:
         if source is None or not new_tasks:
             raise ConfigError("adding tasks needs --from RUN and --add-tasks TASK[,TASK]")

@@ -92,6 +92,26 @@ class UncertaintyWeighting(Weighting):
         return total, dict(zip(losses, weights, strict=True))
 
 
+@register_weighting("uncertainty_official")
+class OfficialUncertaintyWeighting(Weighting):
+    """The official Mod-Squad form of uncertainty weighting (util/AutomaticWeightedLoss.py).
+
+    Learns s_t (init 1): total = sum_t 0.5 / s_t^2 * L_t + log(1 + s_t^2). Unlike `uncertainty` the
+    regulariser log(1 + s^2) stays positive, so the weights cannot run away when a loss reaches zero.
+    """
+
+    def __init__(self, tasks: Sequence[str], init: float = 1.0):
+        super().__init__(tasks)
+        self.params = nn.Parameter(torch.full((len(self.tasks),), float(init)))
+
+    def forward(self, losses, epoch=0):
+        idx = self._indices(losses)
+        s2 = self.params[torch.tensor(idx, device=self.params.device)].square()
+        values = torch.stack([v.to(s2.dtype) for v in losses.values()])
+        total = (0.5 / s2 * values + torch.log1p(s2)).sum()
+        return total, dict(zip(losses, (0.5 / s2).detach().tolist(), strict=True))
+
+
 @register_weighting("dwa")
 class DynamicWeightAverage(Weighting):
     """Dynamic Weight Average (Liu, Johns & Davison, CVPR 2019).

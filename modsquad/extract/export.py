@@ -3,9 +3,10 @@
     results = extract("runs/x", "out/extracted", tasks=["depth_euclidean"], threshold=None, onnx=True)
 
 For each task: keep per MoE layer the experts chosen by `modsquad.extract.prune.select_experts` from expert usage
-(counted on the run's validation data, another data set, or read from a usage.json), slice them out
-(`extract_task`), fold `task_level` layers into dense ones, measure the largest difference to the full model on a
-few validation images, and write `OUT/<task>/{model.safetensors, config.json[, model.onnx]}`. Everything is
+(counted on the run's training split, another split or data set, or read from a usage.json), slice them out
+(`extract_task`), fold `task_level` layers into dense ones, measure on a held-out split how often the full model's
+routing stays inside the kept experts (coverage) and the largest difference to the full model there and on the
+counting images, and write `OUT/<task>/{model.safetensors, config.json[, model.onnx]}`. Everything is
 written into a temporary directory next to OUT first and renamed into place only once every task succeeded, so
 an error never leaves a half-written task directory behind.
 """
@@ -14,17 +15,15 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
-from contextlib import contextmanager
 from copy import deepcopy
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..errors import CheckpointError, UnknownNameError
+from ..core.atomic import publish, staging_dir
+from ..errors import CheckpointError, ConfigError, DataError, OutputPathError, UnknownNameError
 from ..moe import TaskLevelRouter
 from .prune import check_selection, count_params, extract_task, select_experts
 from .standalone import (
@@ -33,15 +32,30 @@ from .standalone import (
     ONNX_NAME,
     WEIGHTS_NAME,
     ExtractedModel,
+    config_sha256,
     file_sha256,
     fixed_routing,
     fold_moe_layers,
 )
-from .usage import check_usage_matches, count_usage, eval_loader, load_usage, run_config_path, usage_report
+from .usage import (
+    check_usage_matches,
+    count_usage,
+    default_splits,
+    eval_loader,
+    heldout_split,
+    load_run_config,
+    load_usage,
+    routing_coverage,
+    usage_report,
+)
 
 ONNX_OPSET = 17
 ONNX_ATOL = 1e-4
 CHECK_IMAGES = 4
+HELDOUT_IMAGES = 64
+
+__all__ = ["config_sha256", "export_onnx", "extract", "extract_standalone", "kept_experts", "publish",
+           "save_extracted", "staging_dir"]
 
 
 # --- saving -------------------------------------------------------------------------------------------------
@@ -63,37 +77,15 @@ def save_extracted(sub: ExtractedModel, out_dir: str | os.PathLike, info: Mappin
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = out_dir / WEIGHTS_NAME
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in sub.model.state_dict().items()}
-    save_file(state, str(weights), metadata={"format": EXTRACTED_FORMAT, "task": sub.task})
-    config = {"format": EXTRACTED_FORMAT, "version": __version__, "task": sub.task,
-              "task_spec": task_spec_dict(sub.spec), **info, "weights_sha256": file_sha256(weights)}
+    config = json.loads(json.dumps({"format": EXTRACTED_FORMAT, "version": __version__, "task": sub.task,
+                                    "task_spec": task_spec_dict(sub.spec), **info}))  # as it reads back
+    # the weights carry the config's hash and the config the weights' hash: editing either file is caught
+    save_file(state, str(weights), metadata={"format": EXTRACTED_FORMAT, "task": sub.task,
+                                             "config_sha256": config_sha256(config)})
+    config["weights_sha256"] = file_sha256(weights)
     (out_dir / CONFIG_NAME).write_text(json.dumps(config, indent=1))
     sub.info = config
     return out_dir
-
-
-@contextmanager
-def staging_dir(out: Path):
-    """A fresh temporary directory next to `out` (same file system, so renames are atomic), removed at exit."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield tmp
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def publish(staged: Path, out: Path, names: Sequence[str]) -> None:
-    """Move `staged/<name>` to `out/<name>` for every name, replacing an older one only once the new one is in."""
-    out.mkdir(parents=True, exist_ok=True)
-    for name in names:
-        target = out / name
-        old = None
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{name}.old-", dir=out))
-            os.replace(target, old / name)
-        os.replace(staged / name, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
 
 
 # --- ONNX ---------------------------------------------------------------------------------------------------
@@ -173,44 +165,58 @@ def extract_standalone(model: nn.Module, task: str, counts: Mapping[str, Sequenc
                                       "kept": kept}).eval()
 
 
-def _check_images(model: nn.Module, loader, n: int) -> tuple[torch.Tensor, str]:
-    """Up to n images from the first batches of `loader`, else n seeded random ones."""
+def _first_images(model: nn.Module, loader, n: int) -> torch.Tensor | None:
+    """Up to n images from the first batches of `loader` (None when there is no loader or no image)."""
     from .usage import batch_images
 
-    if loader is not None:
-        parts, have = [], 0
-        for batch in loader:
-            images = batch_images(batch)[:n - have]
-            parts.append(images)
-            have += images.shape[0]
-            if have >= n:
-                break
-        if have:
-            return torch.cat(parts), "validation images"
+    if loader is None:
+        return None
+    parts, have = [], 0
+    for batch in loader:
+        images = batch_images(batch)[:n - have]
+        parts.append(images)
+        have += images.shape[0]
+        if have >= n:
+            break
+    return torch.cat(parts) if have else None
+
+
+def _random_images(model: nn.Module, n: int) -> torch.Tensor:
     size = model.config["img_size"]
     h, w = (size, size) if isinstance(size, int) else tuple(size)
-    gen = torch.Generator().manual_seed(0)
-    return torch.randn(n, model.in_chans, h, w, generator=gen), "random images (no data given)"
+    return torch.randn(n, model.in_chans, h, w, generator=torch.Generator().manual_seed(0))
 
 
 def extract(checkpoint: str | os.PathLike, out: str | os.PathLike, *, tasks: Sequence[str] | None = None,
             threshold: float | None = None, mass: float | None = None, usage: str | os.PathLike | None = None,
             data: str | os.PathLike | None = None, data_format: str | None = None, split: str | None = None,
             max_images: int | None = None, batch_size: int | None = None, workers: int = 0,
-            onnx: bool = False, check_images: int = CHECK_IMAGES, device: str = "auto") -> dict[str, dict]:
+            onnx: bool = False, check_images: int = CHECK_IMAGES, heldout_images: int = HELDOUT_IMAGES,
+            device: str = "auto") -> dict[str, dict]:
     """Extract every task of `tasks` (default: all) of a checkpoint into `out/<task>/`; returns {task: summary}.
 
-    Usage: `usage` (a usage.json from `modsquad usage`), else counted on `data` or the run's validation split.
-    Selection: default keeps every expert the task selected at least once (exact on that data); `threshold` in
-    [0, 1) keeps experts whose usage share exceeds it, `mass` in (0, 1] the fewest carrying that routing mass.
-    A summary holds the kept experts per layer, parameter counts, the maximum absolute difference to the full
-    model measured on `check_images` images, and the ONNX check when `onnx`.
+    Usage: `usage` (a usage.json from `modsquad usage`), else counted on `data` or the run's training split
+    (`split` picks another). Selection: default keeps every expert the task selected at least once; `threshold`
+    in [0, 1) keeps experts whose usage share exceeds it, `mass` in (0, 1] the fewest carrying that mass.
+
+    What is exact, as measured: on the images usage was counted on, keeping every used expert reproduces the
+    full model to float rounding (`counted.max_abs_diff`). On other images a token may pick an expert that was
+    never picked while counting, so each summary also holds `heldout`: on up to `heldout_images` images of a
+    held-out split (val when usage is counted on train), the routing coverage (share of the full model's top-k
+    choices inside the kept experts; 1.0 means routed exactly as the full model) and the max |diff| on
+    `check_images` of them. A summary also holds the kept experts per layer, parameter counts and the ONNX check.
     """
     from ..engine.checkpoint import load_model, resolve_checkpoint
     from ..engine.distributed import resolve_device
 
     check_selection(threshold, mass)
+    for name, value in (("check_images", check_images), ("heldout_images", heldout_images),
+                        ("max_images", max_images), ("batch_size", batch_size)):
+        if value is not None and value < 1:
+            raise ConfigError(f"extract: {name} must be at least 1, got {value}")
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise OutputPathError(f"--out {out} is an existing file, not a folder; choose another path")
     path = resolve_checkpoint(checkpoint)
     model = load_model(path).to(resolve_device(device))
     tasks = list(dict.fromkeys(tasks)) if tasks else list(model.tasks)
@@ -218,8 +224,11 @@ def extract(checkpoint: str | os.PathLike, out: str | os.PathLike, *, tasks: Seq
         if task not in model.tasks:
             raise UnknownNameError(f"checkpoint {path} has no task {task!r}; its tasks: {', '.join(model.tasks)}")
     checkpoint_sha = file_sha256(path)
+    cfg = load_run_config(path)
+    has_data = data is not None or cfg is not None
+    loader_kw = {"data": data, "data_format": data_format, "workers": workers}
 
-    loader = None
+    counting = None
     if usage is not None:
         report = load_usage(usage)
         check_usage_matches(report, model, source=str(usage))
@@ -229,31 +238,60 @@ def extract(checkpoint: str | os.PathLike, out: str | os.PathLike, *, tasks: Seq
     elif not model.moe_layers():  # a dense model: nothing to select, the encoder is kept whole
         report = usage_report(model, {t: {} for t in model.tasks})
     else:
-        loader, source = eval_loader(model, path, data=data, data_format=data_format, split=split,
-                                     max_images=max_images, batch_size=batch_size, workers=workers)
-        counts, source["images"] = count_usage(model, loader, max_images)
+        counting, source = eval_loader(model, path, split=split, max_images=max_images, batch_size=batch_size,
+                                       **loader_kw)
+        counts, source["images"] = count_usage(model, counting, max_images)
         report = usage_report(model, counts, checkpoint=str(path), checkpoint_sha256=checkpoint_sha, data=source)
-    if loader is None and (data is not None or run_config_path(path).is_file()):
-        loader, _ = eval_loader(model, path, data=data, data_format=data_format, split=split,
-                                max_images=check_images, batch_size=check_images)
-    images, images_kind = _check_images(model, loader, check_images)
+    counted_split = (report.get("data") or {}).get("split") or (split or default_splits(cfg)[0])
+
+    if counting is None and has_data and model.moe_layers():  # usage from a file: its split, for the check
+        try:
+            counting, _ = eval_loader(model, path, split=counted_split, max_images=check_images,
+                                      batch_size=batch_size, **loader_kw)
+        except DataError:
+            counting = None
+    heldout, heldout_name = None, None
+    if has_data:
+        heldout_name = heldout_split(counted_split, cfg)
+        try:
+            heldout, _ = eval_loader(model, path, split=heldout_name, max_images=heldout_images,
+                                     batch_size=batch_size, **loader_kw)
+        except DataError as e:  # e.g. a data set without that split: say so instead of claiming coverage
+            heldout, heldout_name = None, f"{heldout_name} (unavailable: {e})"
     device_ = next(model.parameters()).device
-    images = images.to(device_)
+    check = _first_images(model, heldout, check_images)
+    check_kind = f"held-out {heldout_name} images" if check is not None else "random images (no data given)"
+    if check is None:
+        check = _random_images(model, check_images)
+    counted_check = _first_images(model, counting, check_images)
     with torch.no_grad():
-        full_out = model(images, tasks=tasks)
+        full_out = model(check.to(device_), tasks=tasks)
+        counted_full = model(counted_check.to(device_), tasks=tasks) if counted_check is not None else None
     full_params = count_params(model)
     selection = {"mode": "mass" if mass is not None else "threshold" if threshold is not None else "used",
                  "threshold": threshold, "mass": mass,
-                 "usage": str(usage) if usage is not None else report.get("data", {})}
+                 "usage": str(usage) if usage is not None else report.get("data", {}),
+                 "counted_split": counted_split}
     layer_meta = {d["name"]: d for d in report["layers"]}
+
+    subs = {task: extract_standalone(model, task, report["counts"][task], threshold, mass) for task in tasks}
+    coverage, covered_images = {}, 0
+    if heldout is not None:
+        coverage, covered_images = routing_coverage(model, heldout, {t: sub.info["kept"] for t, sub in subs.items()},
+                                                    heldout_images)
 
     results = {}
     with staging_dir(out) as staged:
-        for task in tasks:
-            sub = extract_standalone(model, task, report["counts"][task], threshold, mass)
+        for task, sub in subs.items():
             kept, folded = sub.info["kept"], sub.info["folded_layers"]
             with torch.no_grad():
-                diff = (sub(images) - full_out[task]).abs().max().item()
+                diff = (sub(check.to(device_)) - full_out[task]).abs().max().item()
+                counted_diff = ((sub(counted_check.to(device_)) - counted_full[task]).abs().max().item()
+                                if counted_check is not None else None)
+            cov = coverage.get(task, {})
+            held = {"split": heldout_name, "images": covered_images, "coverage": cov.get("coverage"),
+                    "tokens_covered": cov.get("tokens_covered"), "per_layer": cov.get("per_layer", {}),
+                    "max_abs_diff": diff if heldout is not None else None}
             info = {
                 "model_config": sub.info["model_config"],
                 "folded": bool(folded),
@@ -265,7 +303,10 @@ def extract(checkpoint: str | os.PathLike, out: str | os.PathLike, *, tasks: Seq
                            "tasks": list(model.tasks)},
                 "params": {"extracted": count_params(sub), "full": full_params},
                 "max_abs_diff": diff,
-                "check_images": {"count": int(images.shape[0]), "kind": images_kind},
+                "check_images": {"count": int(check.shape[0]), "kind": check_kind},
+                "counted": {"split": counted_split, "max_abs_diff": counted_diff,
+                            "images": int(counted_check.shape[0]) if counted_check is not None else 0},
+                "heldout": held,
             }
             task_dir = staged / task
             if onnx:
@@ -274,6 +315,7 @@ def extract(checkpoint: str | os.PathLike, out: str | os.PathLike, *, tasks: Seq
             save_extracted(sub, task_dir, info)
             results[task] = {"dir": str(out / task), "kept": kept, "params": info["params"], "max_abs_diff": diff,
                              "folded": bool(folded), "onnx": info.get("onnx"), "check_images": info["check_images"],
+                             "counted": info["counted"], "heldout": held,
                              "experts_total": sum(d["num_experts"] for d in report["layers"])}
         publish(staged, out, tasks)
     return results

@@ -8,7 +8,12 @@ only those experts, with the task's router rows, task embedding and head:
     kept = select_experts(counts, top_ks, threshold=0.0)             # {layer: [expert ids]}
     sub = extract_task(model, "depth_euclidean", kept)               # MultiTaskViT(tasks=[task]), eval mode
 
-Routers pick the top-k of their logits and weigh the chosen experts by a softmax over the chosen logits only, so
+Routers pick the top-k of their logits. With `gate_values="renormalized"` they weigh the chosen experts by a
+softmax over the chosen logits only, so the extracted router keeps only the kept experts' gate rows. With
+`gate_values="topk_probs"` (the official Mod-Squad gates: raw softmax + 1e-4 of the chosen experts) the weights
+depend on the softmax denominator over every expert, so the extracted router keeps all of the task's gate rows
+(they are tiny) but the layer only the kept experts' weights (`attn_kept_experts` / `mlp_kept_experts` in the
+config); when a dropped expert would win the top-k, the token falls back to the best kept experts. Either way,
 when every expert a token chose is kept, the token chooses the same experts with the same weights in the
 extracted model and its output is unchanged. `task_level` routers decide once per task; their layers are folded
 into dense layers afterwards (`modsquad.extract.standalone.fold_moe_layers`).
@@ -34,13 +39,25 @@ from ..moe import (
     experts_over_threshold,
 )
 
-SELECTION_MODES = ("used", "threshold", "mass")
+SELECTION_MODES = ("used", "threshold", "mass", "paper")
+#: Mod-Squad's pruning rule (main_pruning.py / models_mt.py `pruning`): keep an expert if its usage share in
+#: percent exceeds thresh / k, with thresh = 3 (0.5 % for 15-expert top-6 MoA, 0.75 % for 16-expert top-4 MLPs)
+PAPER_THRESH = 3.0
+#: `threshold=PAPER` anywhere a usage threshold is taken selects with `paper_threshold(top_k)` per layer
+PAPER = "paper"
 
 
-def check_selection(threshold: float | None = None, mass: float | None = None) -> None:
-    """ConfigError unless `threshold` in [0, 1) or `mass` in (0, 1] (at most one of them)."""
+def paper_threshold(top_k: int, thresh: float = PAPER_THRESH) -> float:
+    """Usage-share threshold (a fraction) of the official pruning rule for a layer with `top_k`: thresh / k %."""
+    return thresh / top_k / 100.0
+
+
+def check_selection(threshold: float | str | None = None, mass: float | None = None) -> None:
+    """ConfigError unless `threshold` in [0, 1) (or `PAPER`) or `mass` in (0, 1] (at most one of them)."""
     if threshold is not None and mass is not None:
-        raise ConfigError("give either a usage threshold or a routing mass, not both")
+        raise ConfigError("give either a usage threshold (or the paper threshold) or a routing mass, not both")
+    if threshold == PAPER:
+        return
     if threshold is not None and not (isinstance(threshold, (int, float)) and 0.0 <= threshold < 1.0):
         raise ConfigError(f"threshold must be in [0, 1), got {threshold}")
     if mass is not None and not (isinstance(mass, (int, float)) and 0.0 < mass <= 1.0):
@@ -53,11 +70,14 @@ def select_layer_experts(counts: Sequence[int] | torch.Tensor, top_k: int, thres
 
     counts: [E] top-k selections of the task per expert. Default (`threshold=None`, `mass=None`) keeps every
     expert the task selected at least once, which is `threshold=0`: experts whose usage share exceeds the
-    threshold. `mass` keeps the fewest most-used experts that carry that share of the selections. If a task
+    threshold (`PAPER`: the official 3 / top_k %, see `paper_threshold`). `mass` keeps the fewest most-used
+    experts that carry that share of the selections. If a task
     used fewer than `top_k` experts (or none), the most used ones (then the lowest ids) fill up to `top_k`.
     """
     check_selection(threshold, mass)
     counts = torch.as_tensor(counts)
+    if threshold == PAPER:
+        threshold = paper_threshold(top_k)
     if mass is not None:
         kept = experts_for_mass(counts, mass, min_keep=top_k)
     else:
@@ -67,11 +87,17 @@ def select_layer_experts(counts: Sequence[int] | torch.Tensor, top_k: int, thres
 
 
 def select_experts(counts: Mapping[str, Sequence[int]], top_k: Mapping[str, int], threshold: float | None = None,
-                   mass: float | None = None) -> dict[str, list[int]]:
+                   mass: float | None = None, paper: bool = False) -> dict[str, list[int]]:
     """Kept experts of one task in every MoE layer: {layer name: sorted ids} (see `select_layer_experts`).
 
-    counts: {layer name: [E] selections of the task}; top_k: {layer name: the layer's top-k}.
+    counts: {layer name: [E] selections (or an EMA of them) of the task}; top_k: {layer name: the layer's top-k}.
+    `paper=True` applies the official rule per layer: usage share > `paper_threshold(top_k)` (3 / k %), at least
+    top-k experts; it cannot be combined with `threshold` or `mass`.
     """
+    if paper:
+        if threshold is not None or mass is not None:
+            raise ConfigError("the paper threshold (3/k %) cannot be combined with a threshold or a routing mass")
+        threshold = PAPER
     return {name: select_layer_experts(counts[name], top_k[name], threshold, mass) for name in top_k}
 
 
@@ -95,13 +121,23 @@ def _slice_router(router: nn.Module, task: int, kept: torch.Tensor) -> dict[str,
     raise TypeError(f"cannot extract from router {type(router).__name__}")
 
 
+def keeps_gate_rows(layer: nn.Module) -> bool:
+    """Whether an extracted copy of `layer` keeps every gate row (raw top-k prob gates need the softmax
+    denominator over all experts) rather than only the kept experts' rows."""
+    return layer.router.gate_values == "topk_probs"
+
+
 def slice_moe_layer(layer: nn.Module, task: int, kept: Sequence[int]) -> dict[str, torch.Tensor]:
     """State dict (keys relative to the layer) of `layer` restricted to task `task` and experts `kept`.
 
     Expert weights are stored expert-first (`[E, ...]`), so keeping experts is an index on dim 0; the shared
-    key/value projection and output bias of MoE attention are kept whole. The usage counts start at zero.
+    key/value projection and output bias of MoE attention are kept whole. The router keeps the task's rows of
+    the kept experts, or of every expert when `keeps_gate_rows(layer)`. The usage counts start at zero.
     """
     idx = torch.as_tensor(list(kept), dtype=torch.long, device=layer.usage.device)
+    rows = torch.arange(layer.router.num_gate_rows, device=idx.device) if keeps_gate_rows(layer) else idx
+    if not keeps_gate_rows(layer) and layer.router.kept_experts is not None:
+        rows = layer.router.kept_experts[idx]  # renormalised gates over a layer that already kept rows
     if isinstance(layer, MoEMlp):
         expert_params = ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")
     elif isinstance(layer, MoEAttention):
@@ -113,7 +149,7 @@ def slice_moe_layer(layer: nn.Module, task: int, kept: Sequence[int]) -> dict[st
         if name.startswith("router.") or name == "usage":
             continue
         state[name] = value.index_select(0, idx) if name in expert_params else value
-    state.update({f"router.{k}": v for k, v in _slice_router(layer.router, task, idx).items()})
+    state.update({f"router.{k}": v for k, v in _slice_router(layer.router, task, rows).items()})
     state["usage"] = torch.zeros(1, len(idx), dtype=layer.usage.dtype, device=layer.usage.device)
     return {k: v.detach().clone() for k, v in state.items()}
 
@@ -126,9 +162,21 @@ def task_config(model: nn.Module, task: str, kept: Mapping[str, Sequence[int]]) 
         raise ValueError(f"no kept experts given for MoE layer(s) {missing}")
     config = dict(model.config)
     config["tasks"] = [task]
-    config["attn_experts"] = [len(kept[n]) for n, m in layers if isinstance(m, MoEAttention)]
-    config["mlp_experts"] = [len(kept[n]) for n, m in layers if isinstance(m, MoEMlp)]
+    for kind, cls in (("attn", MoEAttention), ("mlp", MoEMlp)):
+        of_kind = [(n, m) for n, m in layers if isinstance(m, cls)]
+        config[f"{kind}_experts"] = [m.router.num_gate_rows if keeps_gate_rows(m) else len(kept[n])
+                                     for n, m in of_kind]
+        gate_rows = [_kept_gate_rows(m, kept[n]) if keeps_gate_rows(m) else None for n, m in of_kind]
+        config[f"{kind}_kept_experts"] = gate_rows if any(r is not None for r in gate_rows) else None
     return config
+
+
+def _kept_gate_rows(layer: nn.Module, kept: Sequence[int]) -> list[int] | None:
+    """Gate rows of the kept experts (ids of `layer`'s experts), or None when every gate row's expert is kept."""
+    kept = [int(e) for e in kept]
+    if layer.router.kept_experts is not None:
+        kept = [int(layer.router.kept_experts[e]) for e in kept]
+    return None if kept == list(range(layer.router.num_gate_rows)) else kept
 
 
 def extract_task(model: nn.Module, task: str, kept: Mapping[str, Sequence[int]]) -> nn.Module:

@@ -40,18 +40,19 @@ class FoldedMoEAttention(nn.Module):
 
     q: Linear(dim, k * head_dim) holds the k experts' query projections; kv: the layer's shared Linear(dim,
     2 * head_dim); proj: Linear(k * head_dim, dim) holds the experts' output projections, each scaled by its gate
-    weight, and the layer's output bias. x: [B, N, D] -> [B, N, D]; the task ids are ignored.
+    weight, and the layer's output bias. x: [B, N, D] -> [B, N, D]; the task ids are ignored. Biases follow the
+    layer's (`moa_bias`): the official layout has only a kv bias, "qo_bias" has all three.
     """
 
     def __init__(self, dim: int, head_dim: int, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0.,
-                 proj_drop: float = 0.):
+                 proj_drop: float = 0., kv_bias: bool | None = None, proj_bias: bool = True):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = head_dim
         self.q = nn.Linear(dim, num_heads * head_dim, bias=qkv_bias)
-        self.kv = nn.Linear(dim, 2 * head_dim, bias=qkv_bias)
+        self.kv = nn.Linear(dim, 2 * head_dim, bias=qkv_bias if kv_bias is None else kv_bias)
         self.attn_drop = attn_drop
-        self.proj = nn.Linear(num_heads * head_dim, dim)
+        self.proj = nn.Linear(num_heads * head_dim, dim, bias=proj_bias)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: torch.Tensor, task_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -104,7 +105,8 @@ def fold_moe_attention(layer: MoEAttention) -> FoldedMoEAttention:
     idx, w = fixed_routing(layer)
     k, hd, d = len(idx), layer.head_dim, layer.dim
     folded = FoldedMoEAttention(d, hd, k, qkv_bias=layer.q_bias is not None, attn_drop=layer.attn_drop,
-                                proj_drop=layer.proj_drop.p).to(layer.q_weight.device)
+                                proj_drop=layer.proj_drop.p, kv_bias=layer.kv.bias is not None,
+                                proj_bias=layer.o_bias is not None).to(layer.q_weight.device)
     w = w.to(layer.o_weight.dtype)
     with torch.no_grad():
         folded.q.weight.copy_(layer.q_weight[idx].transpose(1, 2).reshape(k * hd, d))
@@ -112,7 +114,8 @@ def fold_moe_attention(layer: MoEAttention) -> FoldedMoEAttention:
             folded.q.bias.copy_(layer.q_bias[idx].reshape(k * hd))
         folded.kv.load_state_dict(layer.kv.state_dict())
         folded.proj.weight.copy_((layer.o_weight[idx] * w[:, None, None]).reshape(k * hd, d).t())
-        folded.proj.bias.copy_(layer.o_bias)
+        if layer.o_bias is not None:
+            folded.proj.bias.copy_(layer.o_bias)
     return folded
 
 
@@ -170,6 +173,13 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def config_sha256(info: dict) -> str:
+    """sha256 of an extracted config.json's content without its `weights_sha256` (canonical JSON), stored in
+    model.safetensors' metadata so that an edited config.json (e.g. another top_k) is caught at load time."""
+    body = {k: v for k, v in info.items() if k != "weights_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def read_extracted_config(path: str | os.PathLike) -> dict:
     """The config.json of an extracted model directory; CheckpointError if missing or not an extracted model."""
     path = Path(path)
@@ -218,7 +228,8 @@ def load_extracted(path: str | os.PathLike, map_location: str | torch.device = "
     """Load `DIR/<task>` written by `modsquad extract`: an `ExtractedModel` in eval mode, `sub(images) -> Tensor`.
 
     Checks that config.json is an extracted model's, that model.safetensors has the recorded sha256 (so a
-    truncated or swapped file is caught) and that every weight fits the architecture; CheckpointError otherwise.
+    truncated or swapped file is caught), that config.json has the sha256 recorded in the weights' metadata (so
+    an edited config is caught) and that every weight fits the architecture; CheckpointError otherwise.
     """
     from safetensors import safe_open
     from safetensors.torch import load_file
@@ -238,6 +249,9 @@ def load_extracted(path: str | os.PathLike, map_location: str | torch.device = "
         raise CheckpointError(f"{weights}: not a readable safetensors file ({e})") from None
     if metadata.get("format") != EXTRACTED_FORMAT or metadata.get("task") != info["task"]:
         raise CheckpointError(f"{weights}: metadata does not describe task {info['task']!r} of an extracted model")
+    if "config_sha256" in metadata and metadata["config_sha256"] != config_sha256(info):  # older models lack it
+        raise CheckpointError(f"{path / CONFIG_NAME}: edited after extraction (its sha256 does not match the one "
+                              f"in {WEIGHTS_NAME}); extract the task again")
     try:
         sub = build_extracted(info)
     except CheckpointError:

@@ -2,7 +2,7 @@
 
 `count_usage` runs the model in eval mode over batches of images and reads the layers' selection counters
 (`MoELayer.usage`, top-k selections per task and expert). `compute_usage` does that for a checkpoint on its run's
-validation split (or any data set) and returns the report that `save_usage` writes as
+training split (or any split or data set) and returns the report that `save_usage` writes as
 
     usage.json  {"format": "modsquad-usage", "checkpoint", "checkpoint_sha256", "data": {...}, "tasks": [...],
                  "layers": [{"name", "kind", "num_experts", "top_k", "router"}],
@@ -10,7 +10,9 @@ validation split (or any data set) and returns the report that `save_usage` writ
                  "experts_for_mass": {"0.9": {task: {layer: n}}, "0.99": {...}}}
     usage.png   one task x expert heatmap (share of the task's tokens that pick the expert) per MoE layer
 
-`modsquad extract` reads the same report (from a pass it runs itself, or from `--usage usage.json`).
+`modsquad extract` reads the same report (from a pass it runs itself, or from `--usage usage.json`), and
+`routing_coverage` measures on held-out images how often the full model's top-k choices stay inside the experts
+an extraction keeps (usage-based pruning is exact only where they do).
 """
 
 from __future__ import annotations
@@ -115,44 +117,71 @@ def run_config_path(checkpoint: Path) -> Path:
     return checkpoint.parent / "config.yaml"
 
 
+def load_run_config(checkpoint: Path):
+    """The run's config.yaml next to the checkpoint (relative data.root resolved against the run), or None."""
+    cfg_path = run_config_path(checkpoint)
+    if not cfg_path.is_file():
+        return None
+    from ..config import load_config
+    from ..engine.evaluate import resolve_data_root
+
+    return resolve_data_root(load_config(cfg_path, []), cfg_path.parent)
+
+
+def default_splits(cfg) -> tuple[str, str]:
+    """(split usage is counted on, held-out split): the run's training split and its validation split."""
+    if cfg is None:
+        return "train", "val"
+    return cfg.data.train_split, cfg.data.val_split or "test"
+
+
+def heldout_split(counted: str, cfg) -> str:
+    """A split other than `counted` to measure held-out coverage and differences on (val, else train)."""
+    train, val = default_splits(cfg)
+    return val if counted != val else train
+
+
 def eval_loader(model: nn.Module, checkpoint: Path, *, data: str | os.PathLike | None = None,
                 data_format: str | None = None, split: str | None = None, max_images: int | None = None,
                 batch_size: int | None = None, workers: int = 0) -> tuple[Iterable, dict]:
-    """A DataLoader over the data that usage is counted on, and a description of it for usage.json.
+    """A DataLoader over the images of one split (images only, no labels) and a description for usage.json.
 
-    Default: the run's validation split as its config.yaml (next to the checkpoint) describes it, rendering a
-    synthetic suite first if needed. `data` reads another data set root (format `data_format`, default the run's
-    or "taskonomy"); `split` picks the split (default: the run's val split, else "val").
+    Default: the run's training split (usage is counted on the data the model was trained on; held-out
+    splits then show how well that generalises) as its config.yaml (next to the checkpoint) describes it.
+    `data` reads another data set root (format `data_format`, default the run's or "taskonomy"). A missing
+    root is a DataError that says how to make it: nothing is rendered here.
     """
     from torch.utils.data import DataLoader
 
     from ..data import build_dataset
     from ..engine.evaluate import prepare_data_root
 
-    cfg = None
-    cfg_path = run_config_path(checkpoint)
-    if cfg_path.is_file():
-        from ..config import load_config
-
-        cfg = load_config(cfg_path, [])
-    elif data is None:
-        raise ConfigError(f"{checkpoint}: no run config.yaml next to the checkpoint to find its validation data; "
+    cfg = load_run_config(checkpoint)
+    if cfg is None and data is None:
+        raise ConfigError(f"{checkpoint}: no run config.yaml next to the checkpoint to find its data; "
                           f"give the data with --data ROOT [--format F] (or a usage.json with --usage)")
+    if max_images is not None and max_images < 1:
+        raise ConfigError(f"max_images must be at least 1, got {max_images}")
+    if batch_size is not None and batch_size < 1:
+        raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
     if data is not None:
         root = Path(data)
-        if not root.exists():
-            raise DataError(f"data root {root} does not exist")
+        if not root.is_dir():
+            raise DataError(f"data root {root} does not exist or is not a folder")
         data_format = data_format or (cfg.data.format if cfg is not None else "taskonomy")
     else:
         root = prepare_data_root(cfg)
         data_format = data_format or cfg.data.format
-    split = split or (cfg.data.val_split if cfg is not None else "val")
+    split = split or default_splits(cfg)[0]
     if cfg is not None and max_images is None:
         max_images = cfg.eval.max_images
     extra = {"split_set": cfg.data.split_set, "on_error": cfg.data.on_error} if cfg is not None else {}
     # no tasks: routing needs the images only, so labels are neither read nor required
-    dataset = build_dataset(data_format, str(root), [], split, model.config["img_size"], train=False,
-                            max_images=max_images, **extra)
+    try:
+        dataset = build_dataset(data_format, str(root), [], split, model.config["img_size"], train=False,
+                                max_images=max_images, **extra)
+    except FileNotFoundError as e:
+        raise DataError(f"{data_format} data at {root}: {e}") from None
     if len(dataset) == 0:
         raise DataError(f"{data_format} data at {root}: split {split!r} has no images")
     bs = batch_size or ((cfg.eval.batch_size or cfg.data.batch_size) if cfg is not None else 8)
@@ -164,7 +193,8 @@ def compute_usage(checkpoint: str | os.PathLike, *, data: str | os.PathLike | No
                   data_format: str | None = None, split: str | None = None, max_images: int | None = None,
                   batch_size: int | None = None, workers: int = 0, device: str = "auto",
                   model: nn.Module | None = None) -> dict:
-    """Load a checkpoint (file or run directory), count expert usage on its validation data; the usage.json dict.
+    """Load a checkpoint (file or run directory), count expert usage on its training split (or `split` / `data`);
+    the usage.json dict.
 
     `model` may pass the already loaded checkpoint to save loading it twice.
     """
@@ -270,3 +300,69 @@ def plot_usage(report: Mapping, path: str | os.PathLike) -> None:
                  + (f", {images} images" if images else ""), fontsize=10)
     fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
+
+
+# --- held-out routing coverage ------------------------------------------------------------------------------
+
+@torch.no_grad()
+def routing_coverage(model: nn.Module, batches: Iterable, kept: Mapping[str, Mapping[str, Sequence[int]]],
+                     max_images: int | None = None) -> tuple[dict[str, dict], int]:
+    """How often the FULL model's routing stays inside the kept experts, on images usage was not counted on.
+
+    `kept`: {task: {layer: kept expert ids}}. For every task and MoE layer, a token is covered when all of its
+    top-k experts are kept (then pruning cannot change that layer's choice for it). Returns ({task: {"coverage":
+    covered share of all (token, layer) choices, "tokens_covered": share of tokens covered in every layer,
+    "per_layer": {layer: share}}}, images seen). Exactness claims rest on this: 1.0 on held-out images means
+    the extracted model routes those images exactly as the full model does.
+    """
+    layers = dict(model.moe_layers())
+    tasks = [t for t in model.tasks if t in kept]
+    covered = {t: {name: 0 for name in layers} for t in tasks}
+    every = {t: 0 for t in tasks}
+    tokens = {t: 0 for t in tasks}
+    was_training, track = model.training, {name: layer.track_usage for name, layer in layers.items()}
+    device = next(model.parameters()).device
+    model.eval()
+    seen = 0
+    try:
+        for layer in layers.values():
+            layer.track_usage = False  # leave the usage counters as they are
+        for batch in batches:
+            images = batch_images(batch)
+            if max_images is not None:
+                images = images[:max_images - seen]
+            if images.shape[0] == 0:
+                break
+            model(images.to(device), tasks=tasks)
+            seen += images.shape[0]
+            for t in tasks:
+                all_layers = None
+                tid = model.task_index(t)
+                for name, layer in layers.items():
+                    routing, task_ids = layer.last_routing
+                    mask = task_ids.reshape(-1) == tid
+                    ids = torch.as_tensor(list(kept[t].get(name, [])), dtype=torch.long, device=routing.indices.device)
+                    inside = torch.isin(routing.indices[mask], ids).all(-1)
+                    covered[t][name] += int(inside.sum())
+                    all_layers = inside if all_layers is None else all_layers & inside
+                    n = int(mask.sum())
+                if all_layers is not None:
+                    every[t] += int(all_layers.sum())
+                    tokens[t] += n
+            if max_images is not None and seen >= max_images:
+                break
+    finally:
+        model.train(was_training)
+        for name, layer in layers.items():
+            layer.track_usage = track[name]
+    report = {}
+    for t in tasks:
+        if not layers:  # a dense model: nothing is pruned, every token is routed as in the full model
+            report[t] = {"coverage": 1.0, "tokens_covered": 1.0, "per_layer": {}}
+            continue
+        n = max(tokens[t], 1)
+        per_layer = {name: covered[t][name] / n for name in layers}
+        report[t] = {"coverage": sum(per_layer.values()) / max(len(per_layer), 1) if tokens[t] else None,
+                     "tokens_covered": every[t] / n if tokens[t] else None,
+                     "per_layer": per_layer if tokens[t] else {}}
+    return report, seen

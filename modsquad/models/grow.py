@@ -13,7 +13,9 @@ sample copy, and old tasks read only their own rows.
 `freeze` picks what trains for the new tasks, as in task-aware MoE that avoids catastrophic forgetting:
     "none"      everything trains (old tasks may drift: the forgetting baseline)
     "experts"   only the new tasks' rows of task-indexed parameters and their heads; experts, attention,
-                norms, patch embedding, shared gates and old heads stay fixed, so old tasks are bit-identical
+                norms, patch embedding, shared gates and old heads stay fixed: old tasks' parameters are
+                bitwise unchanged and their outputs equal to float rounding (a bigger batch may take other
+                BLAS kernels, so not bitwise)
     "backbone"  only the new tasks' heads (a linear probe of the frozen multi-task encoder)
 Task-indexed parameters are one tensor for all tasks (`router.weight: [num_tasks, E, D]`), so their old rows
 are frozen by a gradient mask; `FrozenRows.attach(optimizer)` also puts those rows back after every optimizer

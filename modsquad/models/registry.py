@@ -68,19 +68,37 @@ def _create(name: str, tasks: Sequence[str], img_size, preset: dict, overrides: 
 
 
 # --- presets ----------------------------------------------------------------------------------------------
-# Paper settings (design.md): MoA in even blocks and MoE MLP in odd blocks, MoA head_dim 128 (= 2 * dim / heads),
-# MoE MLP expert hidden = dim with top-4 (same active compute as a 4x dense MLP), no noisy gating.
+# modsquad_vit_s / _b follow the official Mod-Squad code (UMass-Foundation-Model/Mod-Squad: models_mt.py,
+# models_moe.py, parallel_linear/parallel_experts/moe.py; design.md "Paper settings"): MoA in even blocks (15 / 24
+# experts, top-6 / top-12, head_dim 128, bias only on the shared kv projection) + dense MLP 4x; MoE MLP in odd
+# blocks (16 experts, top-4, expert hidden int(dim * mlp_ratio) // 4) + dense attention with 6 / 12 heads of 128;
+# per-task bias-free gates (trunc_normal 0.02, no noise), gate values = raw top-k of softmax + 1e-4; task embedding
+# before every block; class token; classification pools un-normed patch tokens through `fc_norm`; inputs in
+# [-1, 1]; MI loss summed over layers. With the 13 Taskonomy tasks: ViT-S 55,436,245 and ViT-B 206,956,117
+# parameters (tests/models/test_official_param_count.py). The tiny preset keeps modsquad's own variants.
 
 _TINY = dict(patch_size=8, embed_dim=64, depth=4, num_heads=4, mlp_ratio=4.0)
 _S = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, mlp_ratio=4.0, drop_path_rate=0.1)
 _B = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0, drop_path_rate=0.1)
 
+#: what the official code does where modsquad offers a choice (stem, routing, losses; not expert counts)
+OFFICIAL = dict(gate_values="topk_probs", task_embed="every_block", mi_reduce="sum", moa_bias="official",
+                input_norm="minus1_1", class_token=True, fc_norm=True, router_kwargs={"init_std": 0.02})
+#: modsquad's own variants of the same choices (the MultiTaskViT defaults)
+MODSQUAD_VARIANTS = dict(gate_values="renormalized", task_embed="input", mi_reduce="mean", moa_bias="qo_bias",
+                         input_norm="imagenet", class_token=False, fc_norm=False, router_kwargs={},
+                         dense_attn_head_dim=None)
+
 _TINY_MOE = dict(router="per_task", moe_every=1, moe_layout="both", attn_experts=8, attn_top_k=2, attn_head_dim=32,
                  mlp_experts=8, mlp_top_k=2, mlp_expert_hidden=64)
 _S_MOE = dict(router="per_task", moe_every=1, moe_layout="alternate", attn_experts=15, attn_top_k=6,
-              attn_head_dim=128, mlp_experts=16, mlp_top_k=4, mlp_expert_hidden=384)
+              attn_head_dim=128, mlp_experts=16, mlp_top_k=4, mlp_expert_hidden=384, dense_attn_head_dim=128,
+              **OFFICIAL)
 _B_MOE = dict(router="per_task", moe_every=1, moe_layout="alternate", attn_experts=24, attn_top_k=12,
-              attn_head_dim=128, mlp_experts=16, mlp_top_k=4, mlp_expert_hidden=768)
+              attn_head_dim=128, mlp_experts=16, mlp_top_k=4, mlp_expert_hidden=768, dense_attn_head_dim=128,
+              **OFFICIAL)
+# dense twins: a standard ViT (head_dim = dim / heads) with the official stem, inputs and heads
+_DENSE = dict(router="dense", dense_attn_head_dim=None)
 
 
 @register_model
@@ -91,13 +109,15 @@ def modsquad_vit_tiny(tasks: Sequence[str], img_size=224, **overrides) -> MultiT
 
 @register_model
 def modsquad_vit_s(tasks: Sequence[str], img_size=224, **overrides) -> MultiTaskViT:
-    """Mod-Squad ViT-S/16: MoA 15 experts top-6, MoE MLP 16 experts top-4, alternating blocks."""
+    """Mod-Squad ViT-S/16 as the official code: MoA 15 experts top-6, MoE MLP 16 experts top-4, alternating blocks
+    (see the preset notes above; `**MODSQUAD_VARIANTS` as overrides gives modsquad's own variants)."""
     return _create("modsquad_vit_s", tasks, img_size, {**_S, **_S_MOE}, overrides)
 
 
 @register_model
 def modsquad_vit_b(tasks: Sequence[str], img_size=224, **overrides) -> MultiTaskViT:
-    """Mod-Squad ViT-B/16: MoA 24 experts top-12, MoE MLP 16 experts top-4, alternating blocks."""
+    """Mod-Squad ViT-B/16 as the official code: MoA 24 experts top-12, MoE MLP 16 experts top-4, alternating
+    blocks."""
     return _create("modsquad_vit_b", tasks, img_size, {**_B, **_B_MOE}, overrides)
 
 
@@ -110,10 +130,10 @@ def dense_vit_tiny(tasks: Sequence[str], img_size=224, **overrides) -> MultiTask
 @register_model
 def dense_vit_s(tasks: Sequence[str], img_size=224, **overrides) -> MultiTaskViT:
     """Dense twin of modsquad_vit_s (the usual multi-task ViT-S baseline)."""
-    return _create("dense_vit_s", tasks, img_size, {**_S, **_S_MOE, "router": "dense"}, overrides)
+    return _create("dense_vit_s", tasks, img_size, {**_S, **_S_MOE, **_DENSE}, overrides)
 
 
 @register_model
 def dense_vit_b(tasks: Sequence[str], img_size=224, **overrides) -> MultiTaskViT:
     """Dense twin of modsquad_vit_b."""
-    return _create("dense_vit_b", tasks, img_size, {**_B, **_B_MOE, "router": "dense"}, overrides)
+    return _create("dense_vit_b", tasks, img_size, {**_B, **_B_MOE, **_DENSE}, overrides)

@@ -5,8 +5,8 @@ The checkpoint is read and adapted by timm itself (`timm.models.load_state_dict`
 embedding to a new patch size) into a dense timm `VisionTransformer` of the checkpoint's shape. Its weights
 are then copied into the multi-task model:
 
-- patch embedding, position embedding (patch tokens only; MultiTaskViT has no class token), block norms,
-  final norm, dense attention and dense MLP layers: copied as they are;
+- patch embedding, position embedding (patch tokens, and the class token's when both have one), class token,
+  block norms, final norm, dense attention and dense MLP layers: copied as they are;
 - MoE MLP: expert e takes the hidden units `[e*h, (e+1)*h)` (mod the dense hidden size H) of the dense
   fc1/fc2, fc2 scaled by H / h. With the default expert hidden H / top_k and zero-initialised routers (all
   tokens pick experts 0..k-1 with weight 1/k), the upcycled MoE MLP computes exactly the dense MLP;
@@ -125,7 +125,7 @@ def upcycle_attention(moe: MoEAttention, qkv: nn.Linear, proj: nn.Linear) -> Non
     moe.kv.weight.copy_(torch.cat([k_w[first], v_w[first]]))
     if moe.kv.bias is not None and k_b is not None:
         moe.kv.bias.copy_(torch.cat([k_b[first], v_b[first]]))
-    if proj.bias is not None:
+    if proj.bias is not None and moe.o_bias is not None:  # the official MoA layout has no output bias
         moe.o_bias.copy_(proj.bias)
 
 
@@ -160,7 +160,11 @@ def upcycle_from_timm(model: nn.Module, path: str | Path) -> dict[str, int]:
         _copy(model.patch_embed.proj.bias, dense.patch_embed.proj.bias, "patch_embed.proj.bias")
     if dense.pos_embed is not None:
         prefix = 0 if dense.no_embed_class else dense.num_prefix_tokens
-        _copy(model.pos_embed, dense.pos_embed[:, prefix:], "pos_embed")
+        _copy(model.pos_embed[:, model.num_prefix_tokens:], dense.pos_embed[:, prefix:], "pos_embed")
+        if model.num_prefix_tokens and prefix and dense.cls_token is not None:
+            _copy(model.pos_embed[:, :1], dense.pos_embed[:, :1], "pos_embed (class token)")
+    if model.cls_token is not None and dense.cls_token is not None:
+        _copy(model.cls_token, dense.cls_token, "cls_token")
     counts = {"dense_layers": 0, "moe_mlp": 0, "moe_attn": 0}
     for i, (blk, src) in enumerate(zip(model.blocks, dense.blocks, strict=True)):
         blk.norm1.load_state_dict(src.norm1.state_dict())

@@ -23,9 +23,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import ConfigError, UnknownNameError
+from ..moe import GATE_VALUES, MOA_BIAS, MoEAttention, MoEMlp, moe_aux_losses
 from ..moe import ROUTERS as MOE_ROUTERS
-from ..moe import MoEAttention, MoEMlp, moe_aux_losses
-from ..moe.losses import TASK_PRIORS
+from ..moe.losses import MI_REDUCE, TASK_PRIORS
 from ..tasks import get_task
 from .heads import HEAD_TYPES, build_head
 
@@ -33,10 +33,19 @@ ROUTERS = ("dense", *MOE_ROUTERS)
 MOE_LAYOUTS = ("alternate", "both", "attn", "mlp")
 AUX_LOSS_KEYS = ("mi", "balance", "z", "task_prior")
 _AUX_DEFAULTS = {"mi": True, "balance": True, "z": True, "task_prior": "uniform"}
+TASK_EMBED_MODES = ("every_block", "input")
+INPUT_NORMS = ("imagenet", "minus1_1")
+# ImageNet mean/std (timm's IMAGENET_DEFAULT_*), the normalisation every modsquad loader and `predict` apply
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class DenseAttention(Attention):
-    """timm multi-head self-attention with the MoE call signature; the task ids are not needed."""
+    """timm multi-head self-attention with the MoE call signature; the task ids are not needed.
+
+    `attn_head_dim` may differ from dim / num_heads (the official Mod-Squad dense attention uses 6 x 128 in
+    ViT-S): qkv is then Linear(dim, 3 * num_heads * head_dim) and proj Linear(num_heads * head_dim, dim).
+    """
 
     def forward(self, x: torch.Tensor, task_ids: torch.Tensor | None = None) -> torch.Tensor:
         return super().forward(x)
@@ -101,6 +110,24 @@ def _per_layer(value, count: int, field: str) -> list[int]:
     return list(value)
 
 
+def _kept_per_layer(value, experts: list[int], field: str) -> list[list[int] | None]:
+    """Kept expert ids per MoE layer of one kind (extracted models with raw top-k prob gates keep every gate row
+    but only these experts' weights), or None per layer. `experts` are the layers' gate row counts."""
+    if value is None:
+        return [None] * len(experts)
+    if not isinstance(value, (list, tuple)) or len(value) != len(experts):
+        raise ConfigError(f"{field} must be a list with one entry (a list of expert ids or null) per MoE layer "
+                          f"({len(experts)}), got {value!r}")
+    out = []
+    for i, (ids, e) in enumerate(zip(value, experts, strict=True)):
+        if ids is not None and (not isinstance(ids, (list, tuple)) or not ids or
+                                any(isinstance(j, bool) or not isinstance(j, int) for j in ids) or
+                                list(ids) != sorted(set(ids)) or ids[0] < 0 or ids[-1] >= e):
+            raise ConfigError(f"{field}[{i}] must be sorted distinct expert ids in [0, {e}), got {ids!r}")
+        out.append(None if ids is None else list(ids))
+    return out
+
+
 def _plain(value):
     """Tuples -> lists (recursively) so that the config survives a JSON round trip unchanged."""
     if isinstance(value, (list, tuple)):
@@ -147,7 +174,23 @@ class MultiTaskViT(nn.Module):
         use_task_embed: add a learned task embedding to the tokens of each task's copy. Default: on for MoE
             models, off for dense ones, whose encoder is then task-independent and runs once per batch.
         aux_losses: which auxiliary MoE losses `aux_losses()` returns: {"mi", "balance", "z": bool,
-            "task_prior": "uniform" | "tokens"}.
+            "task_prior": "uniform" | "tokens" | "official"}.
+        Official Mod-Squad options (the defaults here keep modsquad's own variants, so saved configs rebuild the
+        same model; the modsquad_vit_s / _b presets set the official values):
+        gate_values: "renormalized" (softmax over the chosen k logits) | "topk_probs" (raw softmax + 1e-4 of the
+            chosen experts, official).
+        task_embed: "input" (task embedding added once, before the first block) | "every_block" (added before
+            every block, official).
+        mi_reduce: "mean" | "sum" (official) of the per-layer MI losses.
+        moa_bias: "qo_bias" (per-expert query bias and a shared output bias) | "official" (only the shared
+            key/value projection has a bias).
+        dense_attn_head_dim: head size of the dense attention layers (None: embed_dim // num_heads; the
+            official Mod-Squad dense attention uses 128, i.e. 6 x 128 in ViT-S).
+        input_norm: "imagenet" (images as the loaders give them, ImageNet mean/std) | "minus1_1" (the model
+            maps them back to [0, 1] and then to [-1, 1], the official inputs).
+        class_token: prepend a learned class token (position-embedded; dropped before the dense heads).
+        fc_norm: classification tasks pool the patch tokens before the final norm and apply a separate
+            `fc_norm` LayerNorm (official); otherwise they pool the final-normed tokens.
     """
 
     def __init__(
@@ -177,6 +220,16 @@ class MultiTaskViT(nn.Module):
             head: str = "linear",
             use_task_embed: bool | None = None,
             aux_losses: dict | None = None,
+            gate_values: str = "renormalized",
+            task_embed: str = "input",
+            mi_reduce: str = "mean",
+            moa_bias: str = "qo_bias",
+            dense_attn_head_dim: int | None = None,
+            input_norm: str = "imagenet",
+            class_token: bool = False,
+            fc_norm: bool = False,
+            attn_kept_experts: list | None = None,
+            mlp_kept_experts: list | None = None,
     ):
         super().__init__()
         if isinstance(tasks, str):
@@ -202,6 +255,15 @@ class MultiTaskViT(nn.Module):
         aux_cfg = {**_AUX_DEFAULTS, **(aux_losses or {})}
         if aux_cfg["task_prior"] not in TASK_PRIORS:
             raise ConfigError(f"aux_losses.task_prior must be one of {TASK_PRIORS}, got {aux_cfg['task_prior']!r}")
+        for field, value, choices in (("gate_values", gate_values, GATE_VALUES),
+                                      ("task_embed", task_embed, TASK_EMBED_MODES),
+                                      ("mi_reduce", mi_reduce, MI_REDUCE), ("moa_bias", moa_bias, MOA_BIAS),
+                                      ("input_norm", input_norm, INPUT_NORMS)):
+            if value not in choices:
+                raise ConfigError(f"{field} must be one of {choices}, got {value!r}")
+        if dense_attn_head_dim is not None and (isinstance(dense_attn_head_dim, bool) or
+                                                not isinstance(dense_attn_head_dim, int) or dense_attn_head_dim < 1):
+            raise ConfigError(f"dense_attn_head_dim must be a positive int or null, got {dense_attn_head_dim!r}")
         router_kwargs = dict(router_kwargs or {})
         use_task_embed = router != "dense" if use_task_embed is None else bool(use_task_embed)
         attn_head_dim = attn_head_dim or 2 * embed_dim // num_heads
@@ -214,6 +276,9 @@ class MultiTaskViT(nn.Module):
             router_kwargs=router_kwargs, moe_every=moe_every, moe_layout=moe_layout, attn_experts=attn_experts,
             attn_top_k=attn_top_k, attn_head_dim=attn_head_dim, mlp_experts=mlp_experts, mlp_top_k=mlp_top_k,
             mlp_expert_hidden=mlp_expert_hidden, head=head, use_task_embed=use_task_embed, aux_losses=aux_cfg,
+            gate_values=gate_values, task_embed=task_embed, mi_reduce=mi_reduce, moa_bias=moa_bias,
+            dense_attn_head_dim=dense_attn_head_dim, input_norm=input_norm, class_token=bool(class_token),
+            fc_norm=bool(fc_norm), attn_kept_experts=attn_kept_experts, mlp_kept_experts=mlp_kept_experts,
         ))
         self.tasks = tasks
         self.task_specs = {t: get_task(t) for t in tasks}
@@ -222,11 +287,25 @@ class MultiTaskViT(nn.Module):
         self.patch_size = patch_size
         self.in_chans = in_chans
         self.aux_loss_cfg = aux_cfg
+        self.mi_reduce = mi_reduce
+        self.task_embed_mode = task_embed
         self.grad_checkpointing = False
+        if input_norm == "minus1_1":  # x_01 = x * std + mean, then 2 * x_01 - 1: one affine map per channel
+            scale = 2 * torch.tensor(_IMAGENET_STD)
+            shift = 2 * torch.tensor(_IMAGENET_MEAN) - 1
+            self.register_buffer("input_scale", scale.view(1, 3, 1, 1), persistent=False)
+            self.register_buffer("input_shift", shift.view(1, 3, 1, 1), persistent=False)
+            if in_chans != 3:
+                raise ConfigError(f"input_norm 'minus1_1' needs 3-channel images, got in_chans={in_chans}")
+        else:
+            self.input_scale = self.input_shift = None
 
         self.patch_embed = PatchEmbed(img_size=img_size, patch_size=patch_size, in_chans=in_chans,
                                       embed_dim=embed_dim, strict_img_size=False)
-        self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches, embed_dim))
+        self.num_prefix_tokens = 1 if class_token else 0
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_prefix_tokens + self.patch_embed.num_patches,
+                                                  embed_dim))
         self.task_embed = nn.Parameter(torch.zeros(self.num_tasks, embed_dim)) if use_task_embed else None
         self.pos_drop = nn.Dropout(drop_rate)
 
@@ -236,27 +315,31 @@ class MultiTaskViT(nn.Module):
         attn_k = _per_layer(attn_top_k, n_attn, "attn_top_k")
         mlp_e = _per_layer(mlp_experts, n_mlp, "mlp_experts")
         mlp_k = _per_layer(mlp_top_k, n_mlp, "mlp_top_k")
-        for field, es, ks in (("attn", attn_e, attn_k), ("mlp", mlp_e, mlp_k)):
-            for i, (e, k) in enumerate(zip(es, ks, strict=True)):
+        attn_kept = _kept_per_layer(attn_kept_experts, attn_e, "attn_kept_experts")
+        mlp_kept = _kept_per_layer(mlp_kept_experts, mlp_e, "mlp_kept_experts")
+        for field, es, ks, kept in (("attn", attn_e, attn_k, attn_kept), ("mlp", mlp_e, mlp_k, mlp_kept)):
+            for i, (e, k, kk) in enumerate(zip(es, ks, kept, strict=True)):
+                e = e if kk is None else len(kk)
                 if not 1 <= k <= e:
                     raise ConfigError(f"{field}_top_k must be in [1, {field}_experts]; MoE {field} layer {i} "
                                       f"has {e} experts and top_k {k}")
 
         dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # stochastic depth decay rule
-        moe = dict(num_tasks=self.num_tasks, router=router, router_kwargs=router_kwargs)
+        moe = dict(num_tasks=self.num_tasks, router=router, router_kwargs=router_kwargs, gate_values=gate_values)
         norm_layer = partial(nn.LayerNorm, eps=1e-6)
         blocks = []
         try:
             for i, (moe_attn, moe_mlp) in enumerate(place):
                 if moe_attn:
                     attn = MoEAttention(embed_dim, attn_head_dim, attn_e.pop(0), attn_k.pop(0), qkv_bias=qkv_bias,
-                                        attn_drop=attn_drop_rate, proj_drop=drop_rate, **moe)
+                                        attn_drop=attn_drop_rate, proj_drop=drop_rate, bias=moa_bias,
+                                        kept_experts=attn_kept.pop(0), **moe)
                 else:
-                    attn = DenseAttention(embed_dim, num_heads=num_heads, qkv_bias=qkv_bias,
-                                          attn_drop=attn_drop_rate, proj_drop=drop_rate)
+                    attn = DenseAttention(embed_dim, num_heads=num_heads, attn_head_dim=dense_attn_head_dim,
+                                          qkv_bias=qkv_bias, attn_drop=attn_drop_rate, proj_drop=drop_rate)
                 if moe_mlp:
                     mlp = MoEMlp(embed_dim, mlp_hidden, mlp_e.pop(0), mlp_k.pop(0), expert_hidden=mlp_expert_hidden,
-                                 drop=drop_rate, **moe)
+                                 drop=drop_rate, kept_experts=mlp_kept.pop(0), **moe)
                 else:
                     mlp = DenseMlp(embed_dim, mlp_hidden, drop=drop_rate)
                 blocks.append(Block(embed_dim, attn, mlp, drop_path=dpr[i], norm_layer=norm_layer))
@@ -266,6 +349,7 @@ class MultiTaskViT(nn.Module):
             raise ConfigError(f"router_kwargs {router_kwargs} do not fit router {router!r}: {err}") from None
         self.blocks = nn.ModuleList(blocks)
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.fc_norm = nn.LayerNorm(embed_dim, eps=1e-6) if fc_norm else None
         self.heads = nn.ModuleDict({t: build_head(self.task_specs[t], embed_dim, patch_size, head) for t in tasks})
         # With no task embedding and no router, every task's tokens would be identical: run the encoder once.
         self.task_dependent = use_task_embed or bool(self.moe_layers())
@@ -277,6 +361,8 @@ class MultiTaskViT(nn.Module):
         """timm ViT init (trunc-normal 0.02 Linear, zero bias) for everything but the MoE layers, which own
         their init (e.g. zero-initialised per-task gates)."""
         trunc_normal_(self.pos_embed, std=.02)
+        if self.cls_token is not None:
+            nn.init.normal_(self.cls_token, std=1e-6)
         if self.task_embed is not None:
             trunc_normal_(self.task_embed, std=.02)
         moe_names = [name + "." for name, _ in self.moe_layers()]
@@ -289,7 +375,7 @@ class MultiTaskViT(nn.Module):
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
         """Position / task embeddings, norm weights and biases (also the stacked [E, out] expert biases)."""
-        names = {"pos_embed", "task_embed"} if self.task_embed is not None else {"pos_embed"}
+        names = {n for n in ("pos_embed", "cls_token", "task_embed") if getattr(self, n) is not None}
         return names | {n for n, p in self.named_parameters() if p.ndim <= 1 or n.endswith("bias")}
 
     @torch.jit.ignore
@@ -310,7 +396,7 @@ class MultiTaskViT(nn.Module):
             return {}
         cfg = self.aux_loss_cfg
         return moe_aux_losses(layers, mi=cfg["mi"], balance=cfg["balance"], z=cfg["z"],
-                              task_prior=cfg["task_prior"])
+                              task_prior=cfg["task_prior"], mi_reduce=self.mi_reduce)
 
     def expert_usage(self) -> dict[str, dict[str, list[int]]]:
         """{task: {layer name: top-k selection count per expert}} accumulated since `reset_usage()`."""
@@ -345,36 +431,72 @@ class MultiTaskViT(nn.Module):
         if tuple(grid_size) == tuple(self.patch_embed.grid_size):
             return self.pos_embed
         return resample_abs_pos_embed(self.pos_embed, new_size=list(grid_size),
-                                      old_size=list(self.patch_embed.grid_size), num_prefix_tokens=0)
+                                      old_size=list(self.patch_embed.grid_size),
+                                      num_prefix_tokens=self.num_prefix_tokens)
 
-    def _run_blocks(self, x: torch.Tensor, task_ids: torch.Tensor | None) -> torch.Tensor:
+    def _run_blocks(self, x: torch.Tensor, task_ids: torch.Tensor | None,
+                    task_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [B', P+N, D]; `task_tokens` [B', 1, D] is added before every block (task_embed="every_block")."""
         for blk in self.blocks:
+            if task_tokens is not None:
+                x = x + task_tokens
             if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
                 x = checkpoint(blk, x, task_ids, use_reentrant=False, context_fn=partial(_checkpoint_contexts, blk))
             else:
                 x = blk(x, task_ids)
         return x
 
+    def _embed(self, images: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """images: [B, C, H, W] -> tokens [B, P+N, D] (P = 1 with a class token), position-embedded."""
+        if self.input_scale is not None:
+            images = images * self.input_scale.to(images.dtype) + self.input_shift.to(images.dtype)
+        x = self.patch_embed(images)  # [B, N, D]
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
+        return self.pos_drop(x + self._pos_embed(grid))
+
+    def _head_tokens(self, x: torch.Tensor, tasks: list[str]) -> torch.Tensor:
+        """Block output x: [T, B, P+N, D] (T = 1 when every task shares it) -> head inputs [len(tasks), B, N, D].
+
+        Dense tasks (and, without `fc_norm`, all tasks) get the final-normed patch tokens. With `fc_norm`,
+        classification tasks get fc_norm(mean of the un-normed patch tokens) repeated over the N positions, so
+        that the classification head's own mean pooling returns it unchanged.
+        """
+        patches = x[:, :, self.num_prefix_tokens:]
+        normed = self.norm(patches)
+        pooled = [i for i, t in enumerate(tasks) if self.fc_norm is not None and not self.task_specs[t].is_dense]
+        if not pooled:
+            return normed.expand(len(tasks), -1, -1, -1) if normed.shape[0] == 1 else normed
+        out = normed.expand(len(tasks), -1, -1, -1).clone() if normed.shape[0] == 1 else normed.clone()
+        for i in pooled:
+            src = patches[0 if patches.shape[0] == 1 else i]
+            out[i] = self.fc_norm(src.mean(1, keepdim=True)).expand_as(src)
+        return out
+
     def forward_features(self, images: torch.Tensor, tasks: list[str] | None = None
                          ) -> tuple[torch.Tensor, tuple[int, int]]:
-        """images: [B, C, H, W] -> (normed tokens [T, B, N, D] for the T requested tasks, patch grid (h, w))."""
+        """images: [B, C, H, W] -> (head input tokens [T, B, N, D] for the T requested tasks, patch grid (h, w)).
+
+        The tokens are the final-normed patch tokens (the class token, if any, is dropped); see `_head_tokens`
+        for classification tasks with `fc_norm`.
+        """
         tasks = self.tasks if tasks is None else [tasks] if isinstance(tasks, str) else list(tasks)
         ids = [self.task_index(t) for t in tasks]
         grid = self._check_images(images)
-        x = self.patch_embed(images)  # [B, N, D]
-        x = self.pos_drop(x + self._pos_embed(grid))
+        x = self._embed(images, grid)  # [B, P+N, D]
         if not self.task_dependent:
-            x = self.norm(self._run_blocks(x, None))
-            return x.unsqueeze(0).expand(len(ids), -1, -1, -1), grid
+            return self._head_tokens(self._run_blocks(x, None).unsqueeze(0), tasks), grid
         b, n, d = x.shape
         ids = torch.tensor(ids, device=x.device)
-        x = x.unsqueeze(0).expand(len(ids), -1, -1, -1)  # [T, B, N, D]
-        if self.task_embed is not None:
-            x = x + self.task_embed[ids][:, None, None, :]
-        x = x.reshape(len(ids) * b, n, d)
         task_ids = ids.repeat_interleave(b)  # [T*B]: the copy for task t holds samples t*B .. t*B + B-1
-        x = self.norm(self._run_blocks(x, task_ids))
-        return x.view(len(ids), b, n, d), grid
+        x = x.unsqueeze(0).expand(len(ids), -1, -1, -1).reshape(len(ids) * b, n, d)  # [T*B, P+N, D]
+        task_tokens = None
+        if self.task_embed is not None:
+            task_tokens = self.task_embed[task_ids].unsqueeze(1).to(x.dtype)  # [T*B, 1, D]
+            if self.task_embed_mode == "input":
+                x, task_tokens = x + task_tokens, None
+        x = self._run_blocks(x, task_ids, task_tokens)
+        return self._head_tokens(x.view(len(ids), b, n, d), tasks), grid
 
     def forward(self, images: torch.Tensor, tasks: list[str] | None = None) -> dict[str, torch.Tensor]:
         """images: [B, C, H, W] -> {task: [B, C_t, H, W] (dense) or [B, classes] (classification)}."""

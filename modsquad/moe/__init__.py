@@ -5,7 +5,7 @@ Layers are plain tensors in, tensors out: `MoEMlp(x [B, N, D], task_ids [B]) -> 
 `usage` buffer [num_tasks, E].
 """
 
-from .attention import MoEAttention
+from .attention import MOA_BIAS, MoEAttention
 from .dispatch import (
     DispatchPlan,
     combine,
@@ -20,6 +20,8 @@ from .experts import GroupedLinear
 from .losses import mi_loss, moe_aux_losses, mutual_information, router_z_loss, switch_balance_loss
 from .mlp import MoEMlp
 from .routers import (
+    GATE_VALUES,
+    PROB_EPS,
     ROUTERS,
     MoELayer,
     PerTaskRouter,
@@ -42,7 +44,7 @@ from .usage import (
 )
 
 __all__ = [
-    "ROUTERS", "DispatchPlan", "GroupedLinear", "MoEAttention", "MoELayer", "MoEMlp", "PerTaskRouter", "Router",
+    "GATE_VALUES", "MOA_BIAS", "PROB_EPS", "ROUTERS", "DispatchPlan", "GroupedLinear", "MoEAttention", "MoELayer", "MoEMlp", "PerTaskRouter", "Router",
     "RouterOutput", "SharedRouter", "TaskConditionedRouter", "TaskLevelRouter", "build_router", "combine",
     "count_selections", "experts_for_mass", "experts_for_mass_count", "experts_over_threshold", "gather_tokens",
     "grouped_matmul", "grouped_mm_supported", "is_exporting", "mi_loss", "moe_aux_losses", "mutual_information", "plan_dispatch",

@@ -9,6 +9,8 @@ from torch import nn
 from .dispatch import combine, gather_tokens, grouped_matmul, plan_dispatch, sort_rows, unsort_rows
 from .routers import MoELayer, token_task_ids
 
+MOA_BIAS = ("official", "qo_bias")
+
 
 class MoEAttention(MoELayer):
     """Mixture of attention heads (MoA, Zhang et al.; Mod-Squad).
@@ -19,19 +21,28 @@ class MoEAttention(MoELayer):
         q_i = x_t W_q[e_i],  o_i = softmax(q_i K^T / sqrt(head_dim)) V  (K, V of all tokens of t's sample),
         out_t = sum_i w_i o_i W_o[e_i] + o_bias.
     The k slots run as k heads of one `scaled_dot_product_attention` call sharing K/V.
+    Biases (`bias`, `MOA_BIAS`): "official" as the official Mod-Squad code (q and o without bias, kv with bias,
+    no output bias); "qo_bias" adds a per-expert `q_bias` and a shared `o_bias: [dim]`, and `qkv_bias` decides
+    the q and kv biases.
     """
 
     def __init__(self, dim: int, head_dim: int, num_experts: int, top_k: int, num_tasks: int,
                  router: str = "per_task", qkv_bias: bool = True, attn_drop: float = 0., proj_drop: float = 0.,
-                 router_kwargs: dict | None = None):
-        super().__init__(dim, num_experts, top_k, num_tasks, router, router_kwargs)
+                 router_kwargs: dict | None = None, bias: str = "qo_bias", gate_values: str = "renormalized",
+                 kept_experts: list[int] | None = None):
+        super().__init__(dim, num_experts, top_k, num_tasks, router, router_kwargs, gate_values, kept_experts)
+        if bias not in MOA_BIAS:
+            raise ValueError(f"MoE attention bias must be one of {MOA_BIAS}, got {bias!r}")
+        num_experts = self.num_experts
+        official = bias == "official"
         self.dim = dim
         self.head_dim = head_dim
+        self.bias = bias
         self.q_weight = nn.Parameter(torch.empty(num_experts, dim, head_dim))
-        self.q_bias = nn.Parameter(torch.empty(num_experts, head_dim)) if qkv_bias else None
-        self.kv = nn.Linear(dim, 2 * head_dim, bias=qkv_bias)
+        self.q_bias = nn.Parameter(torch.empty(num_experts, head_dim)) if qkv_bias and not official else None
+        self.kv = nn.Linear(dim, 2 * head_dim, bias=qkv_bias or official)
         self.o_weight = nn.Parameter(torch.empty(num_experts, head_dim, dim))
-        self.o_bias = nn.Parameter(torch.empty(dim))
+        self.o_bias = None if official else nn.Parameter(torch.empty(dim))
         self.attn_drop = attn_drop
         self.proj_drop = nn.Dropout(proj_drop)
         self.reset_parameters()
@@ -65,7 +76,8 @@ class MoEAttention(MoELayer):
 
         y = grouped_matmul(sort_rows(o, plan), self.o_weight, plan)  # [S, D]
         out = combine(y, routing.weights, plan)
-        out = out + self.o_bias.to(out.dtype)  # keeps autocast's bf16 (a Linear's bias would too)
+        if self.o_bias is not None:
+            out = out + self.o_bias.to(out.dtype)  # keeps autocast's bf16 (a Linear's bias would too)
         return self.proj_drop(out).view(B, N, D)
 
     def forward_all_experts(self, x: torch.Tensor, task_ids: torch.Tensor | int) -> torch.Tensor:
@@ -83,4 +95,6 @@ class MoEAttention(MoELayer):
         o = F.scaled_dot_product_attention(q, key, value, dropout_p=self.attn_drop if self.training else 0.)
         y = torch.matmul(o.transpose(0, 1).reshape(E, B * N, hd), self.o_weight)  # [E, T, D]
         out = (gates.t().unsqueeze(-1) * y).sum(0)
-        return self.proj_drop(out + self.o_bias.to(out.dtype)).view(B, N, D)
+        if self.o_bias is not None:
+            out = out + self.o_bias.to(out.dtype)
+        return self.proj_drop(out).view(B, N, D)

@@ -8,6 +8,10 @@ order and sums the k slots of each token with the gate weights.
 `grouped_matmul` uses `torch.nn.functional.grouped_mm` where this build runs it, forward and backward, for
 the device and dtype at hand (probed once per (device type, dtype) and cached), else one matmul per
 non-empty expert. Set the environment variable `MODSQUAD_GROUPED_MM=0` to force the loop (benchmarks).
+
+Under `torch.compile` the grouped matmul is the custom op `modsquad::grouped_mm` (with a fake kernel and a
+registered backward, both of static shape [S, Dout] / [E, Din, Dout]), so the per-expert row counts, which
+are data, never reach the graph; rows move by plain index_selects there, which the compiler differentiates.
 """
 
 from __future__ import annotations
@@ -67,9 +71,9 @@ def plan_dispatch(indices: torch.Tensor, num_experts: int) -> DispatchPlan:
     num_tokens, top_k = indices.shape
     flat = indices.reshape(-1)
     expert_index, order = torch.sort(flat, stable=True)
-    if flat.device.type == "cpu":
+    if flat.device.type == "cpu" and not torch.compiler.is_compiling():
         counts = torch.bincount(flat, minlength=num_experts)
-    else:  # scatter_add instead of bincount: bincount syncs with the host on GPUs to size its output
+    else:  # scatter_add instead of bincount: bincount sizes its output from the data (a host sync on GPUs)
         counts = torch.zeros(num_experts, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
     inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
     return DispatchPlan(
@@ -121,8 +125,9 @@ class _GatherTokens(torch.autograd.Function):
 
 def _needs_grad(t: torch.Tensor) -> bool:
     """Whether autograd will record an op on `t`; if not, the custom Functions above are skipped (their
-    forwards are plain index_selects, so results are identical, minus the Python autograd overhead)."""
-    return t.requires_grad and torch.is_grad_enabled()
+    forwards are plain index_selects, so results are identical, minus the Python autograd overhead).
+    Under torch.compile the plain ops are always taken: the compiler derives their backward itself."""
+    return t.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling()
 
 
 def gather_tokens(x: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
@@ -197,33 +202,103 @@ def grouped_mm_supported(device: torch.device | str, dtype: torch.dtype) -> bool
 
 
 def _probe_grouped_mm(device: torch.device, dtype: torch.dtype) -> bool:
+    # The backward of grouped_mm is two more grouped_mms (x-grad against the transposed weights, weight-grad
+    # as x^T grad per slice); they are called directly rather than through autograd, so that the probe gives
+    # the same answer wherever it first runs (under inference_mode, or inside a custom op's kernel).
     if not hasattr(F, "grouped_mm") or device.type == "meta":
         return False
     try:
-        # inference_mode(False): a first call made under inference_mode must not cache a spurious "unsupported"
-        with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
+        with torch.inference_mode(False), torch.no_grad(), torch.autocast(device.type, enabled=False):
             gen = torch.Generator().manual_seed(0)
-            x = torch.randn(6, 16, generator=gen).to(device, dtype).requires_grad_()
-            w = torch.randn(2, 16, 16, generator=gen).to(device, dtype).requires_grad_()
+            x = torch.randn(6, 16, generator=gen).to(device, dtype)
+            w = torch.randn(2, 16, 16, generator=gen).to(device, dtype)
+            g = torch.randn(6, 16, generator=gen).to(device, dtype)
             offs = torch.tensor([2, 6], dtype=torch.int32, device=device)
-            y = F.grouped_mm(x, w, offs=offs)
-            ref = torch.cat([x[:2] @ w[0], x[2:] @ w[1]])
-            grads = torch.autograd.grad(y, (x, w), torch.ones_like(y))
-            ref_grads = torch.autograd.grad(ref, (x, w), torch.ones_like(ref))
+            got = (F.grouped_mm(x, w, offs=offs), F.grouped_mm(g, w.transpose(1, 2), offs=offs),
+                   F.grouped_mm(x.t(), g, offs=offs))
+            ref = (torch.cat([x[:2] @ w[0], x[2:] @ w[1]]), torch.cat([g[:2] @ w[0].t(), g[2:] @ w[1].t()]),
+                   torch.stack([x[:2].t() @ g[:2], x[2:].t() @ g[2:]]))
         tol = dict(rtol=5e-2, atol=5e-1)  # catches wrong results, not rounding (bf16 sums of 16 products)
-        pairs = zip((y, *grads), (ref, *ref_grads), strict=True)
-        return all(torch.allclose(a.float(), b.float(), **tol) for a, b in pairs)
+        return all(torch.allclose(a.float(), b.float(), **tol) for a, b in zip(got, ref, strict=True))
     except Exception:  # any failure (missing kernel, dtype, device capability) means: use the loop
         return False
 
 
-def _grouped_mm_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
+def _grouped_mm_usable(x: torch.Tensor, weight_dims: tuple[int, int]) -> bool:
+    """Whether to run grouped_mm for rows `x` and expert weights of shape [E, *weight_dims]."""
     if os.environ.get(GROUPED_MM_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
         return False
     # grouped GEMM kernels need 16-byte aligned row strides
-    if any(d * x.element_size() % 16 for d in weight.shape[1:]):
+    if any(d * x.element_size() % 16 for d in weight_dims):
         return False
     return grouped_mm_supported(x.device, x.dtype)
+
+
+def _loop_matmul(x_sorted: torch.Tensor, weight: torch.Tensor, splits: list[int]) -> torch.Tensor:
+    """One matmul per non-empty expert. x_sorted: [S, Din], weight: [E, Din, Dout] -> [S, Dout]."""
+    # unbind once: indexing weight[e] per expert would make its backward build E full-size zero tensors
+    experts = weight.unbind(0)
+    parts = [chunk @ experts[e] for e, chunk in enumerate(x_sorted.split(splits)) if chunk.shape[0] > 0]
+    return torch.cat(parts) if parts else x_sorted.new_zeros(0, weight.shape[-1])
+
+
+def _splits(offsets: torch.Tensor) -> list[int]:
+    """offsets: [E] cumulative row ends -> rows per expert as Python ints (one host sync)."""
+    return torch.diff(offsets, prepend=offsets.new_zeros(1)).tolist()
+
+
+# torch.compile path: custom ops whose shapes do not depend on the routing (the native grouped_mm's fake kernel
+# rejects float32, and the loop's per-expert split sizes are data). Eager calls skip them: dispatching a custom op
+# costs more per call than the direct calls below.
+
+
+@torch.library.custom_op("modsquad::grouped_mm", mutates_args=())
+def _grouped_mm_op(x_sorted: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """x_sorted: [S, Din] sorted by expert, weight: [E, Din, Dout], offsets: [E] int32 row ends -> [S, Dout]."""
+    if x_sorted.shape[0] > 0 and _grouped_mm_usable(x_sorted, weight.shape[1:]):
+        return F.grouped_mm(x_sorted.contiguous(), weight, offs=offsets)
+    return _loop_matmul(x_sorted, weight, _splits(offsets)).contiguous()
+
+
+@_grouped_mm_op.register_fake
+def _grouped_mm_fake(x_sorted, weight, offsets):
+    return x_sorted.new_empty(x_sorted.shape[0], weight.shape[-1])
+
+
+@torch.library.custom_op("modsquad::grouped_mm_weight_grad", mutates_args=())
+def _grouped_mm_weight_grad_op(x_sorted: torch.Tensor, grad: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Gradient of the expert weights: x_sorted: [S, Din], grad: [S, Dout] -> [E, Din, Dout] (zero for experts
+    without rows): expert e gets x_e^T grad_e over its rows."""
+    if x_sorted.shape[0] > 0 and _grouped_mm_usable(x_sorted, (x_sorted.shape[1], grad.shape[1])):
+        return F.grouped_mm(x_sorted.t(), grad, offs=offsets)
+    out = x_sorted.new_zeros(offsets.shape[0], x_sorted.shape[1], grad.shape[1])
+    splits = _splits(offsets)
+    rows = zip(x_sorted.split(splits), grad.split(splits), strict=True)
+    for e, (x_e, g_e) in enumerate(rows):
+        if x_e.shape[0] > 0:
+            torch.matmul(x_e.t(), g_e, out=out[e])
+    return out
+
+
+@_grouped_mm_weight_grad_op.register_fake
+def _grouped_mm_weight_grad_fake(x_sorted, grad, offsets):
+    return x_sorted.new_empty(offsets.shape[0], x_sorted.shape[1], grad.shape[1])
+
+
+def _grouped_mm_setup(ctx, inputs, output):
+    x_sorted, weight, offsets = inputs
+    ctx.save_for_backward(x_sorted, weight, offsets)
+
+
+def _grouped_mm_backward(ctx, grad):
+    x_sorted, weight, offsets = ctx.saved_tensors
+    grad = grad.contiguous()  # e.g. the expanded gradient of `out.sum()`
+    grad_x = _grouped_mm_op(grad, weight.transpose(1, 2), offsets) if ctx.needs_input_grad[0] else None
+    grad_w = _grouped_mm_weight_grad_op(x_sorted, grad, offsets) if ctx.needs_input_grad[1] else None
+    return grad_x, grad_w, None
+
+
+_grouped_mm_op.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup)
 
 
 def grouped_matmul(x_sorted: torch.Tensor, weight: torch.Tensor, plan: DispatchPlan,
@@ -232,21 +307,22 @@ def grouped_matmul(x_sorted: torch.Tensor, weight: torch.Tensor, plan: DispatchP
 
     x_sorted: [S, Din] sorted by expert, weight: [E, Din, Dout], bias: [E, Dout] or None -> [S, Dout].
     `use_grouped_mm=None` picks grouped_mm when supported and not disabled by `MODSQUAD_GROUPED_MM=0`.
+    Under torch.compile this is the custom op `modsquad::grouped_mm` (same choice, made when it runs).
     """
     if torch.is_autocast_enabled(x_sorted.device.type):
         dtype = torch.get_autocast_dtype(x_sorted.device.type)
         x_sorted, weight = x_sorted.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
+    if torch.compiler.is_compiling():
+        out = _grouped_mm_op(x_sorted, weight, plan.offsets)
+        return out if bias is None else out + bias.index_select(0, plan.expert_index)
     if use_grouped_mm is None:
-        use_grouped_mm = _grouped_mm_usable(x_sorted, weight)
+        use_grouped_mm = _grouped_mm_usable(x_sorted, weight.shape[1:])
     grouped = use_grouped_mm and x_sorted.shape[0] > 0
     if grouped:
         out = F.grouped_mm(x_sorted.contiguous(), weight.contiguous(), offs=plan.offsets)
     else:
-        # unbind once: indexing weight[e] per expert would make its backward build E full-size zero tensors
-        experts = weight.unbind(0)
-        parts = [chunk @ experts[e] for e, chunk in enumerate(x_sorted.split(plan.splits)) if chunk.shape[0] > 0]
-        out = torch.cat(parts) if parts else x_sorted.new_zeros(0, weight.shape[-1])
+        out = _loop_matmul(x_sorted, weight, plan.splits)
     if bias is not None:
         # gathered bias rows (one index_select + one add): cheaper than E in-place slice adds at small sizes and
         # no slower at large ones; the same sums either way

@@ -8,7 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-TASK_PRIORS = ("uniform", "tokens")
+TASK_PRIORS = ("uniform", "tokens", "official")
+MI_REDUCE = ("mean", "sum")
+OFFICIAL_MI_EPS = 1e-4
 
 
 def _float(t: torch.Tensor) -> torch.Tensor:
@@ -24,11 +26,19 @@ def mutual_information(probs: torch.Tensor, task_ids: torch.Tensor, num_tasks: i
     or their share of tokens (`"tokens"`); P(t, e) = P(t) P(e | t);
     MI = sum_{t,e} P(t, e) log(P(t, e) / (P(t) P(e))) = sum_{t,e} P(t, e) log(P(e | t) / P(e)).
     Maximising it makes each task use few experts (sharp P(e|t)) while all experts get used (flat P(e)).
+    `"official"`: the official Mod-Squad formula, P(t, e) = sum of probs over task t's tokens / (all tokens +
+    1e-4), P(t) = sum_e P(t, e) + 1e-4, P(e) = sum_t P(t, e) + 1e-4, MI = sum P(t, e) log(P(t, e) / P(t) / P(e)
+    + 1e-4) (token-share prior; the 1e-4s make it differ slightly from "tokens").
     """
     if task_prior not in TASK_PRIORS:
         raise ValueError(f"task_prior must be one of {TASK_PRIORS}, got {task_prior!r}")
     probs = _float(probs)
     one_hot = F.one_hot(task_ids.reshape(-1), num_tasks).to(probs.dtype)  # [T, tasks]; matmul, no atomics
+    if task_prior == "official":
+        p_te = (one_hot.t() @ probs) / (probs.shape[0] + OFFICIAL_MI_EPS)  # [tasks, E]
+        p_t = p_te.sum(1, keepdim=True) + OFFICIAL_MI_EPS
+        p_e = p_te.sum(0, keepdim=True) + OFFICIAL_MI_EPS
+        return (p_te * (p_te / p_t / p_e + OFFICIAL_MI_EPS).log()).sum()
     tokens = one_hot.sum(0)  # [tasks]
     p_e_given_t = (one_hot.t() @ probs) / tokens.clamp_min(1).unsqueeze(1)  # [tasks, E]
     if task_prior == "uniform":
@@ -71,12 +81,15 @@ def _moe_layers(layers) -> list[nn.Module]:
 
 
 def moe_aux_losses(layers: Iterable[nn.Module] | nn.Module, mi: bool = True, balance: bool = True, z: bool = True,
-                   task_prior: str = "uniform") -> dict[str, torch.Tensor]:
-    """Aux losses from each MoE layer's last forward, averaged over layers.
+                   task_prior: str = "uniform", mi_reduce: str = "mean") -> dict[str, torch.Tensor]:
+    """Aux losses from each MoE layer's last forward, averaged over layers (the MI loss summed over layers with
+    `mi_reduce="sum"`, as the official Mod-Squad code does).
 
     layers: MoE layers (anything with `last_routing = (RouterOutput, task_ids)`), or a model to search.
     Returns the enabled ones of {"mi": -MI, "balance": switch loss, "z": z-loss}; zeros when no layer has routed.
     """
+    if mi_reduce not in MI_REDUCE:
+        raise ValueError(f"mi_reduce must be one of {MI_REDUCE}, got {mi_reduce!r}")
     routed = _moe_layers(layers)
     terms: dict[str, list[torch.Tensor]] = {name: [] for name, on in (("mi", mi), ("balance", balance), ("z", z)) if on}
     for layer in routed:
@@ -88,4 +101,6 @@ def moe_aux_losses(layers: Iterable[nn.Module] | nn.Module, mi: bool = True, bal
         if z:
             terms["z"].append(router_z_loss(routing.logits))
     device = routed[0].last_routing[0].probs.device if routed else None
-    return {name: torch.stack(v).mean() if v else torch.zeros((), device=device) for name, v in terms.items()}
+    reduce = {name: "mean" for name in terms} | ({"mi": mi_reduce} if mi else {})
+    return {name: (torch.stack(v).sum() if reduce[name] == "sum" else torch.stack(v).mean()) if v
+            else torch.zeros((), device=device) for name, v in terms.items()}

@@ -14,21 +14,23 @@ class MoEMlp(MoELayer):
     """Mixture-of-experts replacement for timm's `Mlp` (fc1 -> act -> drop -> fc2 -> drop).
 
     Each expert is a 2-layer MLP with hidden `expert_hidden` (default `hidden_dim // top_k`, so a token's
-    active compute equals the dense MLP's). out[t] = sum_i weights[t, i] * expert_{indices[t, i]}(x[t]).
+    active compute equals the dense MLP's; the official Mod-Squad code uses int(dim * mlp_ratio) // top_k).
+    out[t] = sum_i weights[t, i] * expert_{indices[t, i]}(x[t]), weights as the router's `gate_values`.
     Expert weights: `fc1.weight [E, dim, expert_hidden]`, `fc2.weight [E, expert_hidden, dim]` (+ biases).
     """
 
     def __init__(self, dim: int, hidden_dim: int, num_experts: int, top_k: int, num_tasks: int,
                  router: str = "per_task", expert_hidden: int | None = None, act_layer: type[nn.Module] = nn.GELU,
-                 drop: float = 0., router_kwargs: dict | None = None):
-        super().__init__(dim, num_experts, top_k, num_tasks, router, router_kwargs)
+                 drop: float = 0., router_kwargs: dict | None = None, gate_values: str = "renormalized",
+                 kept_experts: list[int] | None = None):
+        super().__init__(dim, num_experts, top_k, num_tasks, router, router_kwargs, gate_values, kept_experts)
         self.dim = dim
         self.hidden_dim = hidden_dim
         self.expert_hidden = expert_hidden or max(1, hidden_dim // top_k)
-        self.fc1 = GroupedLinear(num_experts, dim, self.expert_hidden)
+        self.fc1 = GroupedLinear(self.num_experts, dim, self.expert_hidden)
         self.act = act_layer()
         self.drop1 = nn.Dropout(drop)
-        self.fc2 = GroupedLinear(num_experts, self.expert_hidden, dim)
+        self.fc2 = GroupedLinear(self.num_experts, self.expert_hidden, dim)
         self.drop2 = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor, task_ids: torch.Tensor | int) -> torch.Tensor:

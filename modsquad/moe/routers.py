@@ -4,9 +4,19 @@ Every router maps tokens `x: [T, D]` and their task ids `task_ids: [T]` to a `Ro
 
     probs    [T, E]  full softmax over all experts (float32, or float64 for float64 inputs): for aux losses
     indices  [T, k]  the chosen experts, best first (ties go to the lower expert id)
-    weights  [T, k]  softmax over the k chosen logits only, so experts a token never chooses have no say in
-                     its output (dropping them at extraction leaves the output unchanged)
+    weights  [T, k]  the gate values of the chosen experts, by `gate_values` (`GATE_VALUES`):
+                     "topk_probs"    the chosen experts' entries of `probs`, not renormalised (the official
+                                     Mod-Squad code: probs = softmax(logits) + 1e-4, gates = top-k of probs);
+                                     the router then learns from the task loss even with top_k = 1
+                     "renormalized"  softmax over the k chosen logits only (sum 1; with top_k = 1 the weight
+                                     is always 1 and the task loss gives the router no gradient)
     logits   [T, E]  the logits the choice was made from (pre-softmax, for the router z-loss)
+
+`probs` includes the `PROB_EPS` (1e-4) that the official code adds when gate values are "topk_probs".
+A router may keep gate rows for more experts than its layer holds (`kept_experts`, set when a task is extracted
+with "topk_probs" gates): the softmax then runs over all `num_gate_rows` rows, so that the gate values of the
+kept experts are unchanged, and the choice is made among the kept experts only; `probs`, `logits` and `indices`
+are then over the kept experts (columns `kept_experts` of the full ones).
 
 Kinds (`ROUTERS`, built by name with `build_router`):
     per_task          one linear gate per task on the token (Mod-Squad; M3ViT's multi-gate)
@@ -29,6 +39,8 @@ from .usage import count_selections
 
 ROUTERS = ("per_task", "task_conditioned", "task_level", "shared")
 TASK_LEVEL_MODES = ("softmax", "gumbel", "gumbel_st")
+GATE_VALUES = ("topk_probs", "renormalized")
+PROB_EPS = 1e-4  # added to the softmax by the official code before top-k when gate values are raw probs
 
 
 class RouterOutput(NamedTuple):
@@ -76,23 +88,46 @@ def _float_logits(logits: torch.Tensor) -> torch.Tensor:
     return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
-def route_top_k(logits: torch.Tensor, top_k: int) -> RouterOutput:
-    """Top-k routing from logits [T, E]: full softmax, top-k ids, weights renormalised over the chosen k."""
+def route_top_k(logits: torch.Tensor, top_k: int, gate_values: str = "renormalized",
+                kept_experts: torch.Tensor | None = None) -> RouterOutput:
+    """Top-k routing from logits [T, G] over G gate rows (`gate_values` and `kept_experts` in the module
+    docstring; without `kept_experts` the G rows are the E experts)."""
     logits = _float_logits(logits)
     probs = logits.softmax(dim=-1)
+    if gate_values == "topk_probs":
+        probs = probs + PROB_EPS
+    if kept_experts is not None:  # the softmax saw every gate row; the choice sees the kept experts only
+        logits, probs = logits[:, kept_experts], probs[:, kept_experts]
     if is_exporting():  # exporters lack a stable sort; exact ties do not occur in trained routers
         top_logits, indices = logits.topk(top_k, dim=-1)
     else:  # a stable sort, not topk: ties (e.g. zero-initialised gates) go to the lower expert id on every device
         top_logits, indices = logits.sort(dim=-1, descending=True, stable=True)
         top_logits, indices = top_logits[:, :top_k], indices[:, :top_k]
-    return RouterOutput(probs, indices, top_logits.softmax(dim=-1), logits)
+    weights = probs.gather(1, indices) if gate_values == "topk_probs" else top_logits.softmax(dim=-1)
+    return RouterOutput(probs, indices, weights, logits)
 
 
 class Router(nn.Module):
-    """Base class: subclasses compute gate logits [T, E]; routing from logits is shared (`route_top_k`)."""
+    """Base class: subclasses compute gate logits [T, num_gate_rows]; routing from logits is `route_top_k`.
 
-    def __init__(self, num_experts: int, top_k: int, num_tasks: int):
+    `num_experts` is the number of experts the router chooses from (the layer's experts); `num_gate_rows` is
+    the number of gate rows (= num_experts, unless `kept_experts` keeps the rows of dropped experts too).
+    """
+
+    def __init__(self, num_experts: int, top_k: int, num_tasks: int, gate_values: str = "renormalized",
+                 kept_experts: list[int] | None = None):
         super().__init__()
+        if gate_values not in GATE_VALUES:
+            raise UnknownNameError(f"unknown gate_values {gate_values!r}; choose one of {GATE_VALUES}")
+        self.num_gate_rows = num_experts
+        if kept_experts is not None:
+            kept = [int(e) for e in kept_experts]
+            if not kept or sorted(set(kept)) != kept or kept[0] < 0 or kept[-1] >= num_experts:
+                raise ValueError(f"kept_experts must be sorted distinct ids in [0, {num_experts}), got {kept_experts}")
+            num_experts = len(kept)
+            self.register_buffer("kept_experts", torch.tensor(kept, dtype=torch.long), persistent=False)
+        else:
+            self.kept_experts = None
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
         if num_tasks < 1:
@@ -100,31 +135,52 @@ class Router(nn.Module):
         self.num_experts = num_experts
         self.top_k = top_k
         self.num_tasks = num_tasks
+        self.gate_values = gate_values
 
     def gate_logits(self, x: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def route(self, logits: torch.Tensor, top_k: int | None = None) -> RouterOutput:
+        """RouterOutput from gate logits [T, num_gate_rows] with this router's gate values and kept experts."""
+        return route_top_k(logits, self.top_k if top_k is None else top_k, self.gate_values, self.kept_experts)
+
     def forward(self, x: torch.Tensor, task_ids: torch.Tensor) -> RouterOutput:
         """x: [T, D], task_ids: [T] long -> RouterOutput."""
-        return route_top_k(self.gate_logits(x, task_ids), self.top_k)
+        return self.route(self.gate_logits(x, task_ids))
 
     def extra_repr(self) -> str:
-        return f"num_experts={self.num_experts}, top_k={self.top_k}, num_tasks={self.num_tasks}"
+        rows = f", gate_rows={self.num_gate_rows}" if self.kept_experts is not None else ""
+        return (f"num_experts={self.num_experts}, top_k={self.top_k}, num_tasks={self.num_tasks}, "
+                f"gate_values={self.gate_values}{rows}")
+
+
+def _init_gate(weight: torch.Tensor, init_std: float) -> None:
+    """Zeros (uniform start) for init_std == 0, else trunc_normal_(std=init_std) as timm's Linear init."""
+    if init_std < 0:
+        raise ValueError(f"init_std must be >= 0, got {init_std}")
+    with torch.no_grad():
+        if init_std > 0:
+            nn.init.trunc_normal_(weight, std=init_std)
+        else:
+            weight.zero_()
 
 
 class PerTaskRouter(Router):
     """One bias-free linear gate per task (Mod-Squad / M3ViT multi-gate): logits = x @ weight[task].T.
 
-    `weight: [num_tasks, E, D]` is zero-initialised, so every task starts from uniform probabilities. With
-    `noisy=True`, Shazeer et al.'s noisy top-k gating adds `randn * softplus(x @ noise_weight[task].T)` to the
-    logits in training mode only (`noise_weight` zero-initialised too).
+    `weight: [num_tasks, E, D]` is zero-initialised by default, so every task starts from uniform probabilities;
+    `init_std > 0` draws it from trunc_normal(std) instead (what the official code ends up with: its zero init is
+    overwritten by the model's timm weight init). With `noisy=True`, Shazeer et al.'s noisy top-k gating adds
+    `randn * softplus(x @ noise_weight[task].T)` to the logits in training mode only (`noise_weight` zero-initialised).
     """
 
-    def __init__(self, dim: int, num_experts: int, top_k: int, num_tasks: int, noisy: bool = False):
-        super().__init__(num_experts, top_k, num_tasks)
+    def __init__(self, dim: int, num_experts: int, top_k: int, num_tasks: int, noisy: bool = False,
+                 init_std: float = 0.0, **routing):
+        super().__init__(num_experts, top_k, num_tasks, **routing)
         self.noisy = noisy
-        self.weight = nn.Parameter(torch.zeros(num_tasks, num_experts, dim))
-        self.noise_weight = nn.Parameter(torch.zeros(num_tasks, num_experts, dim)) if noisy else None
+        self.weight = nn.Parameter(torch.zeros(num_tasks, self.num_gate_rows, dim))
+        self.noise_weight = nn.Parameter(torch.zeros(num_tasks, self.num_gate_rows, dim)) if noisy else None
+        _init_gate(self.weight, init_std)
 
     @staticmethod
     def _per_task_linear(x: torch.Tensor, weight: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
@@ -151,13 +207,14 @@ class TaskConditionedRouter(Router):
     concatenation is never materialised: the gate's token and task columns are applied separately.
     """
 
-    def __init__(self, dim: int, num_experts: int, top_k: int, num_tasks: int, task_dim: int | None = None):
-        super().__init__(num_experts, top_k, num_tasks)
+    def __init__(self, dim: int, num_experts: int, top_k: int, num_tasks: int, task_dim: int | None = None,
+                 init_std: float = 0.0, **routing):
+        super().__init__(num_experts, top_k, num_tasks, **routing)
         self.dim = dim
         self.task_dim = task_dim or dim
         self.task_embed = nn.Parameter(torch.randn(num_tasks, self.task_dim))
-        self.gate = nn.Linear(dim + self.task_dim, num_experts)
-        nn.init.zeros_(self.gate.weight)
+        self.gate = nn.Linear(dim + self.task_dim, self.num_gate_rows)
+        _init_gate(self.gate.weight, init_std)
         nn.init.zeros_(self.gate.bias)
 
     def gate_logits(self, x: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
@@ -183,26 +240,26 @@ class TaskLevelRouter(Router):
     """
 
     def __init__(self, dim: int, num_experts: int, top_k: int, num_tasks: int, mode: str = "softmax",
-                 tau: float = 1.0, init_std: float = 0.02):
-        super().__init__(num_experts, top_k, num_tasks)
+                 tau: float = 1.0, init_std: float = 0.02, **routing):
+        super().__init__(num_experts, top_k, num_tasks, **routing)
         if mode not in TASK_LEVEL_MODES:
             raise UnknownNameError(f"unknown task_level router mode {mode!r}; choose one of {TASK_LEVEL_MODES}")
         if tau <= 0:
             raise ValueError(f"tau must be > 0, got {tau}")
         self.mode = mode
         self.tau = tau
-        self.task_logits = nn.Parameter(torch.randn(num_tasks, num_experts) * init_std)
+        self.task_logits = nn.Parameter(torch.randn(num_tasks, self.num_gate_rows) * init_std)
 
     def forward(self, x: torch.Tensor, task_ids: torch.Tensor) -> RouterOutput:
         """x: [T, D] (only its dtype/device matter), task_ids: [T] -> RouterOutput, identical within a task."""
         logits = _float_logits(self.task_logits)
         if self.mode == "softmax" or not self.training:
-            route = route_top_k(logits, self.top_k)
+            route = self.route(logits)
             if self.mode == "gumbel_st":
                 route = route._replace(weights=torch.full_like(route.weights, 1.0 / self.top_k))
         else:
             gumbel = -torch.empty_like(logits).exponential_().log()
-            route = route_top_k((logits + gumbel) / self.tau, self.top_k)
+            route = self.route((logits + gumbel) / self.tau)
             if self.mode == "gumbel_st":
                 soft = route.probs.gather(1, route.indices)
                 route = route._replace(weights=soft - soft.detach() + 1.0 / self.top_k)
@@ -210,12 +267,14 @@ class TaskLevelRouter(Router):
 
 
 class SharedRouter(Router):
-    """One bias-free linear gate for every task (plain MoE baseline), zero-initialised (uniform start)."""
+    """One bias-free linear gate for every task (plain MoE baseline), zero-initialised (uniform start) unless
+    `init_std > 0` (trunc_normal)."""
 
-    def __init__(self, dim: int, num_experts: int, top_k: int, num_tasks: int = 1):
-        super().__init__(num_experts, top_k, num_tasks)
-        self.gate = nn.Linear(dim, num_experts, bias=False)
-        nn.init.zeros_(self.gate.weight)
+    def __init__(self, dim: int, num_experts: int, top_k: int, num_tasks: int = 1, init_std: float = 0.0,
+                 **routing):
+        super().__init__(num_experts, top_k, num_tasks, **routing)
+        self.gate = nn.Linear(dim, self.num_gate_rows, bias=False)
+        _init_gate(self.gate.weight, init_std)
 
     def gate_logits(self, x: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
         return self.gate(x)
@@ -246,14 +305,18 @@ class MoELayer(nn.Module):
     `usage` is an int64 buffer [num_tasks, E] of top-k selections per task, summed over every forward (train
     and eval) while `track_usage` is True; it is saved in the state_dict and cleared by `reset_usage()`.
     int64 so that `model.to(dtype)` never rounds the counts.
+    `gate_values` and `kept_experts` go to the router (module docstring): with `kept_experts`, `num_experts` is
+    the number of gate rows and the layer holds `len(kept_experts)` experts.
     """
 
     def __init__(self, dim: int, num_experts: int, top_k: int, num_tasks: int, router: str = "per_task",
-                 router_kwargs: dict | None = None):
+                 router_kwargs: dict | None = None, gate_values: str = "renormalized",
+                 kept_experts: list[int] | None = None):
         super().__init__()
         self.router_kind = router
-        self.router = build_router(router, dim, num_experts, top_k, num_tasks, **(router_kwargs or {}))
-        self.register_buffer("usage", torch.zeros(num_tasks, num_experts, dtype=torch.long))
+        self.router = build_router(router, dim, num_experts, top_k, num_tasks, gate_values=gate_values,
+                                   kept_experts=kept_experts, **(router_kwargs or {}))
+        self.register_buffer("usage", torch.zeros(num_tasks, self.router.num_experts, dtype=torch.long))
         self.track_usage = True
         self.last_routing: tuple[RouterOutput, torch.Tensor] | None = None
 

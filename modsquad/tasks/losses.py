@@ -62,6 +62,23 @@ def l1_loss(pred: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
     return _masked_mean(err, valid, weight=pred.shape[1])
 
 
+def mse_loss(pred: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Mean squared error over valid elements; the official Mod-Squad loss for curvature and class vectors.
+
+    Dense: pred, target [B, C, H, W], mask [B, H, W]. Classification: pred (logits) and target [B, C], mask [B]
+    (the official code regresses the class logits onto the softmaxed label vector).
+    """
+    if pred.dim() == 2:
+        err = (pred.float() - target.float()).pow(2).mean(dim=-1)
+        valid = torch.ones_like(err, dtype=torch.bool) if mask is None else mask.reshape(-1).bool()
+        err = torch.where(valid, err, err.new_zeros(()))
+        return err.sum() / valid.sum().clamp_min(1)
+    pred = resize_to_target(pred.float(), target.shape[-2:])
+    valid = dense_mask(mask, target)
+    err = (pred - _clean_target(target, valid)).pow(2).sum(dim=1)
+    return _masked_mean(err, valid, weight=pred.shape[1])
+
+
 def cosine_loss(pred: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
     """Mean (1 - cos(pred, target)) over valid pixels; pred is normalised here. pred, target: [B, 3, H, W]."""
     pred = resize_to_target(pred.float(), target.shape[-2:])
@@ -118,6 +135,7 @@ LossFn = Callable[..., Tensor]
 #: loss name (TaskSpec.loss) -> fn(pred, target, mask, **kwargs) -> scalar.
 TASK_LOSSES: dict[str, LossFn] = {
     "l1": l1_loss,
+    "mse": mse_loss,
     "cosine": cosine_loss,
     "ce": cross_entropy_loss,
     "soft_ce": soft_cross_entropy_loss,
@@ -125,16 +143,21 @@ TASK_LOSSES: dict[str, LossFn] = {
 }
 
 
-def task_loss(spec: TaskSpec, pred: Tensor, target: Tensor, mask: Tensor | None = None, **kwargs) -> Tensor:
-    """The loss of one task for a batch, dispatched on `spec.loss`.
+def task_loss(spec: TaskSpec, pred: Tensor, target: Tensor, mask: Tensor | None = None,
+              loss: str | None = None, **kwargs) -> Tensor:
+    """The loss of one task for a batch, dispatched on `loss` (default: the task's own `spec.loss`).
+
+    `loss` is how a config swaps a task's loss (`train.task_losses`, e.g. the official Mod-Squad recipe's MSE
+    for principal_curvature and the class tasks).
 
     Edge tasks (kind "edge") default to the class-balanced BCE of the PASCAL multi-task literature
     (`pos_weight=EDGE_POS_WEIGHT`); pass `pos_weight=None` for plain BCE.
     """
+    name = loss or spec.loss
     try:
-        fn = TASK_LOSSES[spec.loss]
+        fn = TASK_LOSSES[name]
     except KeyError:
-        raise UnknownNameError(f"task {spec.name!r}: unknown loss {spec.loss!r}; "
+        raise UnknownNameError(f"task {spec.name!r}: unknown loss {name!r}; "
                                f"known losses: {', '.join(sorted(TASK_LOSSES))}") from None
     if spec.kind == "edge" and fn is bce_loss:
         kwargs.setdefault("pos_weight", EDGE_POS_WEIGHT)

@@ -552,23 +552,44 @@ def _primary_value(source: Mapping, task: str, spec: TaskSpec, what: str) -> flo
     return float(entry)
 
 
-def delta_m(metrics: Mapping, baseline: Mapping, tasks: Sequence[str] | None = None) -> dict[str, float]:
+def delta_m(metrics: Mapping, baseline: Mapping, tasks: Sequence[str] | None = None,
+            skip_zero_baselines: bool = False) -> dict[str, float]:
     """Multi-task gain over a baseline, in percent, on each task's primary metric.
 
     delta_t = (-1)^{lower_is_better} (M_t - M_b,t) / M_b,t x 100, and "mean" = mean over tasks (positive =
     better than the baseline). `metrics` is {task: {metric: value}} (MultiTaskMetrics.compute or
     metrics.json); `baseline` is the same for one multi-task baseline run, or a dict task -> that task's
     single-task run results ({metric: v}, {task: {metric: v}}, or the bare primary value).
+
+    A relative change from a baseline of 0 (or NaN) is undefined: by default that is a UserError naming the task;
+    with `skip_zero_baselines` the task gets NaN and is left out of "mean" (the training run's own best-checkpoint
+    score uses this, since an untrained model often scores 0 mIoU / F at its first evaluation).
     """
     tasks = list(tasks) if tasks is not None else [t for t in metrics if t != "mean"]
     out: dict[str, float] = {}
+    counted: list[float] = []
     for task in tasks:
         spec = get_task(task)
         m = _primary_value(metrics, task, spec, "metrics")
         b = _primary_value(baseline, task, spec, "baseline")
         if b == 0 or not math.isfinite(b):
-            raise UserError(f"baseline {spec.primary!r} of task {task!r} is {b}; delta_m needs a non-zero value")
+            if not skip_zero_baselines:
+                raise UserError(f"baseline {spec.primary!r} of task {task!r} is {b}; delta_m needs a non-zero "
+                                f"value")
+            out[task] = math.nan
+            continue
         sign = -1.0 if spec.lower_is_better() else 1.0
         out[task] = sign * (m - b) / b * 100.0
-    out["mean"] = sum(out.values()) / len(out) if out else math.nan
+        counted.append(out[task])
+    out["mean"] = sum(counted) / len(counted) if counted else math.nan
+    return out
+
+
+def zero_baseline_tasks(baseline: Mapping, tasks: Sequence[str]) -> list[str]:
+    """Tasks whose primary metric in `baseline` is 0 or NaN (left out of delta_m's mean with skip_zero_baselines)."""
+    out = []
+    for task in tasks:
+        b = _primary_value(baseline, task, get_task(task), "baseline")
+        if b == 0 or not math.isfinite(b):
+            out.append(task)
     return out

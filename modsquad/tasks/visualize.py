@@ -105,21 +105,25 @@ def colorize(spec: TaskSpec | str, x: Tensor | np.ndarray, mask: Tensor | np.nda
     x: [C, H, W] (a prediction, or a target as the loader yields it), [H, W] labels for segmentation, or [C]
     for classification. `logits` says whether saliency/edge/classification values are logits (sigmoid /
     softmax applied); None guesses: values outside [0, 1] (or not summing to 1) are logits.
-    mask: optional bool [H, W]; invalid pixels are drawn black. value_range: colormap range of 1-channel
+    mask: optional bool [H, W] (classification: one bool, [] or [1]); invalid pixels / unlabelled images are
+    drawn black. value_range: colormap range of 1-channel
     maps (default: the sample's robust range; pass the target's to compare prediction and target).
     """
     spec = get_task(spec) if isinstance(spec, str) else spec
     a = _numpy(x)
-    valid = None if mask is None else _numpy(mask).astype(bool).reshape(a.shape[-2:])
     kind = spec.kind
 
-    if kind == "classification":
+    if kind == "classification":  # the mask is one bool per sample ([] or [1]), not a map
         v = a.reshape(-1).astype(np.float64)
+        if mask is not None and not _numpy(mask).astype(bool).all():
+            return np.zeros((64, 64, 3), dtype=np.uint8)  # no label for this image: black, like masked pixels
         as_logits = logits if logits is not None else not (_is_probability(v) and abs(v.sum() - 1.0) < 1e-3)
         if as_logits:
             v = np.exp(v - v.max())
             v /= v.sum()
         return class_bars(v)
+
+    valid = None if mask is None else _numpy(mask).astype(bool).reshape(a.shape[-2:])
 
     if kind == "segmentation":
         labels = a.argmax(axis=0) if a.ndim == 3 and a.shape[0] > 1 and np.issubdtype(a.dtype, np.floating) \

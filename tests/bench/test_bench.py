@@ -174,6 +174,12 @@ def test_benchmark_with_val_metrics(tiny_run, tmp_path):
         assert spec.primary in entry["metrics"] and spec.primary in entry["full"]["metrics"]
         assert entry["params"] < entry["full"]["params"] < result["full"]["params"]  # mass 0.5 drops experts
         assert entry["dense_timm"]["params"] == count_params(dense_timm_baseline(model, task))
+        # usage was counted on the training split, so the val images are held out; mass 0.5 drops experts
+        # that some held-out tokens choose: coverage is measured, below 1
+        cover = entry["heldout_coverage"]
+        assert cover["split"] == "val" and cover["usage_split"] == "train" and cover["held_out"] is True
+        assert cover["images"] == 4 and 0.0 <= cover["tokens_covered"] <= cover["coverage"] < 1.0
+    assert "heldout_coverage" in result["definitions"]
     paths = write_report(result, tmp_path)
     assert all(p.is_file() for p in paths.values())
 
@@ -186,6 +192,7 @@ def test_benchmark_without_data_and_task_subset(tiny_run):
                        warmup=0, max_images=0, dense_baseline=False)
     _check_schema(result, ["normal"], dense=False)
     assert result["data"] is None and result["tasks"]["normal"]["metrics"] == {}
+    assert result["tasks"]["normal"]["heldout_coverage"] is None  # no images to measure it on
     assert result["batch_sizes"] == {"latency": 2, "throughput": 2}
 
 

@@ -6,7 +6,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from modsquad.data import PascalContextDataset, build_dataset
-from modsquad.data.pascal_context import label_boundaries
+from modsquad.data.pascal_context import benchmark_normals_classes, label_boundaries, resolve_normals_classes
 from modsquad.errors import DataError, UnknownNameError
 from modsquad.tasks.registry import IGNORE_INDEX
 
@@ -31,7 +31,10 @@ def test_reads_the_fixture_back(pascal_tree):
             assert not m["human_parts"].any() and (t["human_parts"] == IGNORE_INDEX).all()
         np.testing.assert_array_equal(t["sal"][0].numpy(), exp["sal"].astype(np.float32))
         n = exp["normals"] / np.linalg.norm(exp["normals"], axis=-1, keepdims=True)
-        np.testing.assert_allclose(t["normals"].numpy(), n.transpose(2, 0, 1), atol=1e-6)
+        scored = np.isin(exp["label_map"], benchmark_normals_classes())  # default: the benchmark's class mask
+        assert scored.any() and not scored.all()
+        np.testing.assert_array_equal(m["normals"].numpy(), scored)
+        np.testing.assert_allclose(t["normals"].numpy(), (n * scored[..., None]).transpose(2, 0, 1), atol=1e-6)
         np.testing.assert_array_equal(t["edge"][0].numpy(), label_boundaries(exp["label_map"]))
         assert t["edge"].sum() > 0
         jpeg = s["image"].numpy() * np.array([0.229, 0.224, 0.225])[:, None, None] + np.array(
@@ -55,11 +58,33 @@ def test_val_split_training_mode_and_collate(pascal_tree):
     assert set(batch["targets"]["semseg"].unique().tolist()) <= {0, 12, 15, IGNORE_INDEX}
 
 
-def test_normals_valid_classes_mask_from_label_map(pascal_tree):
+def test_normals_valid_classes_mask_from_label_map(pascal_tree, tmp_path):
     root, truth = pascal_tree
     ds = PascalContextDataset(root, ["normals"], "train", 48, normals_valid_classes=[284])
     s = ds[0]
     np.testing.assert_array_equal(s["masks"]["normals"].numpy(), truth[s["id"]]["label_map"] == 284)
+    everywhere = PascalContextDataset(root, ["normals"], "train", 48, normals_valid_classes="all")[0]
+    assert everywhere["masks"]["normals"].all()
+    ids = tmp_path / "ids.txt"
+    ids.write_text("284\n45\n")
+    assert resolve_normals_classes(str(ids)).tolist() == [284, 45]
+    for bad, message in (("benchmarks", "neither benchmark nor all"), ([], "empty"), (["x"], "integers")):
+        with pytest.raises(DataError, match=message):
+            resolve_normals_classes(bad)
+
+
+def test_shipped_benchmark_normals_classes():
+    """170 Context ids: the Context classes that are NYU classes (not 'unknown') plus tvmonitor."""
+    import json
+
+    from modsquad.data.pascal_context import NORMALS_CLASSES_FILE
+
+    table = json.loads(NORMALS_CLASSES_FILE.read_text())
+    ids = benchmark_normals_classes()
+    assert len(ids) == len(set(ids.tolist())) == 170 and len(table["names"]) == 170
+    named = dict(zip(table["names"], table["ids"], strict=True))
+    assert named["tvmonitor"] == 427 and named["person"] == 284 and named["wall"] == 440 and named["floor"] == 158
+    assert "unknown" not in named and "sky" not in named  # 431 and 360: not scored
 
 
 def test_missing_and_corrupt_files(pascal_copy, caplog):

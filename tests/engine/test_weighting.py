@@ -85,3 +85,18 @@ def test_registry_and_builder():
 def test_unknown_task_loss_is_an_error():
     with pytest.raises(KeyError, match="semseg"):
         EqualWeighting(TASKS)({"semseg": torch.tensor(1.0)})
+
+
+def test_official_uncertainty_weighting_formula():
+    from modsquad.engine.weighting import build_weighting
+
+    w = build_weighting("uncertainty_official", ["a", "b"])
+    with torch.no_grad():
+        w.params.copy_(torch.tensor([1.0, 2.0]))
+    losses = {"a": torch.tensor(3.0), "b": torch.tensor(5.0)}
+    total, weights = w(losses)
+    expected = 0.5 / 1 * 3 + math.log(2.0) + 0.5 / 4 * 5 + math.log(5.0)
+    assert total.item() == pytest.approx(expected)
+    assert weights == pytest.approx({"a": 0.5, "b": 0.125})
+    total.backward()
+    assert w.params.grad is not None

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from modsquad.errors import DataError, UnknownNameError
+from modsquad.errors import DataError, OutputPathError, UnknownNameError
 from modsquad.extract.export import extract
-from modsquad.predict import predict_images, preprocess, render
+from modsquad.predict import predict_images, preprocess, read_images, render
 from modsquad.tasks import get_task
 
 from .conftest import write_checkpoint
@@ -68,3 +68,37 @@ def test_render_maps_back_to_image_size():
     assert render(get_task("depth_euclidean"), torch.rand(1, 4, 4), (9, 7)).shape == (9, 7, 3)
     x = preprocess(np.full((10, 30, 3), 255, np.uint8), (32, 32))
     assert x.shape == (3, 32, 32) and x.mean() > 2.0  # white, ImageNet-normalised
+
+
+def test_float_images_are_read_at_their_own_scale(checkpoint, tmp_path):
+    """A float32 TIFF in [0, 1] predicts like the same picture as 8-bit PNG (not divided by 255 again)."""
+    rng = np.random.default_rng(3)
+    rgb8 = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    assert cv2.imwrite(str(tmp_path / "p8.png"), rgb8)
+    assert cv2.imwrite(str(tmp_path / "pf.tiff"), rgb8.astype(np.float32) / 255.0)
+    a, b = read_images([tmp_path / "p8.png", tmp_path / "pf.tiff"])
+    np.testing.assert_allclose(a, b, atol=1e-6)
+    paths = predict_images(checkpoint, [tmp_path / "p8.png", tmp_path / "pf.tiff"], out=tmp_path / "pred",
+                           tasks=["depth_euclidean"], device="cpu")
+    assert np.abs(cv2.imread(str(paths[0])).astype(int) - cv2.imread(str(paths[1])).astype(int)).max() <= 1
+
+
+def test_outputs_never_overwrite_inputs_or_each_other(checkpoint, tmp_path):
+    a = _image(tmp_path / "a.png", 32, 32)
+    victim = _image(tmp_path / "a_normal.png", 32, 32)
+    before = victim.read_bytes()
+    with pytest.raises(OutputPathError, match="overwrite the input image"):
+        predict_images(checkpoint, [a, victim], tasks=["normal"], device="cpu")
+    assert victim.read_bytes() == before and not (tmp_path / "a_normal_normal.png").exists()
+    (tmp_path / "b").mkdir()
+    twin = _image(tmp_path / "b" / "a.png", 32, 32)
+    with pytest.raises(OutputPathError, match="would both write"):
+        predict_images(checkpoint, [a, twin], out=tmp_path / "pred", tasks=["normal"], device="cpu")
+    assert not (tmp_path / "pred").exists()
+    # next to each input (no --out) equal stems do not collide; a folder is read as its images, a repeat once
+    c = tmp_path / "c"
+    (c / "x").mkdir(parents=True)
+    _image(c / "a.png", 32, 32)
+    _image(c / "x" / "a.png", 32, 32)
+    paths = predict_images(checkpoint, [c / "x", c / "a.png", c / "a.png"], tasks=["normal"], device="cpu")
+    assert paths == [c / "x" / "a_normal.png", c / "a_normal.png"]

@@ -87,3 +87,47 @@ def test_threshold_extraction_is_smaller(make_moe, images):
     assert count_params(pruned) < count_params(exact)
     for name, layer in model.moe_layers():
         assert len(pruned.info["kept"][name]) >= layer.top_k
+
+
+OFFICIAL = dict(gate_values="topk_probs", task_embed="every_block", mi_reduce="sum", moa_bias="official",
+                input_norm="minus1_1", class_token=True, fc_norm=True,
+                tasks=["depth_euclidean", "normal", "class_scene", "class_object"])
+
+
+@pytest.mark.parametrize("router,router_kwargs", ROUTER_KINDS)
+def test_official_options_extract_exactly_keeping_every_gate_row(make_moe, images, router, router_kwargs):
+    """Raw top-k prob gates: the extracted router keeps all of the task's gate rows (and the +1e-4), the layer only
+    the kept experts' weights; the outputs equal the full model's on the counting images."""
+    model = make_moe(router, router_kwargs, **OFFICIAL)  # task_level: folded layers without q/o biases
+    counts, _ = count_usage(model, [images])
+    with torch.no_grad():
+        full = model(images)
+    dropped = 0
+    for task in model.tasks:
+        sub = extract_standalone(model, task, counts[task])
+        with torch.no_grad():
+            torch.testing.assert_close(sub(images), full[task], atol=1e-5, rtol=0)
+        if router == "task_level":
+            continue
+        t = model.task_index(task)
+        for name, layer in model.moe_layers():
+            small = sub.model.get_submodule(name)
+            kept = sub.info["kept"][name]
+            assert small.num_experts == len(kept) and small.router.num_gate_rows == layer.num_experts
+            if router == "per_task":
+                torch.testing.assert_close(small.router.weight[0], layer.router.weight[t])
+            dropped += layer.num_experts - len(kept)
+    assert router == "task_level" or dropped > 0
+
+
+def test_paper_threshold_rule():
+    from modsquad.extract.prune import paper_threshold
+
+    assert paper_threshold(6) == pytest.approx(0.005) and paper_threshold(4) == pytest.approx(0.0075)
+    counts = [400, 300, 200, 94, 5, 1]  # shares .4 .3 .2 .094 .005 .001
+    assert select_experts({"a": counts}, {"a": 4}, paper=True) == {"a": [0, 1, 2, 3]}  # .005 < .0075
+    assert select_experts({"a": counts}, {"a": 6}, paper=True) == {"a": [0, 1, 2, 3, 4, 5]}  # at least top-k
+    ema = [0.5, 0.3, 0.006, 0.02, 0.174]  # an EMA of counts works as well: 1.5 % for top-2
+    assert select_experts({"a": ema}, {"a": 2}, paper=True) == {"a": [0, 1, 3, 4]}
+    with pytest.raises(ConfigError):
+        select_experts({"a": counts}, {"a": 4}, threshold=0.1, paper=True)

@@ -98,3 +98,14 @@ def test_folded_attention_matches_moe_attention():
     assert isinstance(folded, FoldedMoEAttention) and folded.num_heads == 2
     x = torch.randn(3, 5, 16)
     torch.testing.assert_close(folded(x), moa(x, 0), atol=1e-6, rtol=0)
+
+
+def test_an_edited_config_is_caught(extracted):
+    """The weights carry the config's sha256: another top_k in config.json must not load silently."""
+    _, folder = extracted
+    path = folder / "config.json"
+    info = json.loads(path.read_text())
+    info["model_config"]["mlp_top_k"] = 1
+    path.write_text(json.dumps(info, indent=1))
+    with pytest.raises(CheckpointError, match="edited after extraction"):
+        load_extracted(folder)

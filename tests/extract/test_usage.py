@@ -116,3 +116,28 @@ def test_dense_layers_are_not_counted(make_moe, images):
     counts, _ = count_usage(model, [images])
     assert all(set(rows) == {n for n, m in model.moe_layers()} for rows in counts.values())
     assert all(isinstance(m, MoEMlp) for _, m in model.moe_layers())
+
+
+# --- held-out routing coverage --------------------------------------------------------------------------
+
+def _used(counts):
+    return {t: {layer: [e for e, c in enumerate(row) if c] for layer, row in rows.items()}
+            for t, rows in counts.items()}
+
+
+def test_routing_coverage_is_one_on_the_counting_images_and_with_every_expert(make_moe):
+    from modsquad.extract.usage import routing_coverage
+
+    model = make_moe("per_task")
+    counting, heldout = random_images(2, seed=1), random_images(3, seed=7)
+    counts, _ = count_usage(model, [counting])
+    used = _used(counts)
+    on_counting, n = routing_coverage(model, [counting], used)
+    assert n == 2 and all(r["coverage"] == 1.0 and r["tokens_covered"] == 1.0 for r in on_counting.values())
+    every = {t: {name: list(range(layer.num_experts)) for name, layer in model.moe_layers()} for t in model.tasks}
+    assert all(r["coverage"] == 1.0 for r in routing_coverage(model, [heldout], every)[0].values())
+    one = {t: {name: [0] for name, _ in model.moe_layers()} for t in model.tasks}  # fewer than top_k: never covered
+    assert all(r["coverage"] == 0.0 for r in routing_coverage(model, [heldout], one)[0].values())
+    partial, _ = routing_coverage(model, [heldout], used)
+    assert all(0.0 <= r["tokens_covered"] <= r["coverage"] <= 1.0 for r in partial.values())
+    assert model.expert_usage() == counts  # measuring coverage leaves the usage counters alone

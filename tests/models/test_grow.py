@@ -12,6 +12,19 @@ ROUTERS = [("per_task", {}), ("per_task", {"noisy": True}), ("task_conditioned",
            ("task_level", {"mode": "softmax"}), ("task_level", {"mode": "gumbel"}),
            ("task_level", {"mode": "gumbel_st"}), ("shared", {}), ("dense", {})]
 IDS = [f"{r}-{'-'.join(map(str, kw.values())) or 'plain'}" for r, kw in ROUTERS]
+# Outputs of the old tasks are computed by matmuls of other shapes once tasks are added (more gate rows, more
+# batch rows), where BLAS may pick other kernels: equal to float rounding, not bitwise (1 ulp seen on AMD EPYC).
+ROUNDING = dict(rtol=1e-5, atol=1e-6)
+
+
+def assert_old_parameters_unchanged(old_state: dict, grown: torch.nn.Module, new_tasks) -> None:
+    """Every parameter the old tasks use is bitwise unchanged: shared tensors whole, task-indexed ones on their
+    old rows (dim 0); only the new tasks' heads are new. Usage counters are buffers, not parameters."""
+    for name, value in grown.state_dict().items():
+        if name.endswith("usage") or any(name.startswith(f"heads.{t}.") for t in new_tasks):
+            continue
+        ref = old_state[name]
+        assert torch.equal(value[:ref.shape[0]] if value.shape != ref.shape else value, ref), name
 
 
 def _train_new(model, frozen, images, steps=3, lr=1e-2, attach=True):
@@ -32,20 +45,25 @@ def _train_new(model, frozen, images, steps=3, lr=1e-2, attach=True):
 @pytest.mark.parametrize("router,kwargs", ROUTERS, ids=IDS)
 def test_add_tasks_then_frozen_training_keeps_old_outputs(make_vit, randomize, images, router, kwargs):
     model = randomize(make_vit(OLD, router=router, router_kwargs=kwargs)).eval()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
         before = model(images)
     grown = add_tasks(model, NEW).eval()
     assert grown.tasks == OLD + NEW and grown.config["tasks"] == OLD + NEW
     with torch.no_grad():
-        assert all(torch.equal(before[t], grown(images, tasks=OLD)[t]) for t in OLD)
+        grown_out = grown(images, tasks=OLD)
+    for task in OLD:
+        torch.testing.assert_close(grown_out[task], before[task], **ROUNDING, msg=task)
 
     frozen = freeze(grown, "experts", NEW)
     _train_new(grown, frozen, images)
+    assert_old_parameters_unchanged(state, grown, NEW)
     with torch.no_grad():
         alone, together = grown(images, tasks=OLD), grown(images)
     for task in OLD:
-        assert torch.equal(before[task], alone[task]), task
-        assert torch.equal(before[task], together[task]), task  # the new tasks in the forward change nothing
+        torch.testing.assert_close(alone[task], before[task], **ROUNDING, msg=task)
+        # the new tasks in the forward change nothing beyond rounding (their rows are other rows of the batch)
+        torch.testing.assert_close(together[task], before[task], **ROUNDING, msg=task)
 
 
 def test_add_tasks_copies_rows_and_leaves_input_alone(make_vit, randomize, images):
@@ -71,14 +89,20 @@ def test_add_tasks_copies_rows_and_leaves_input_alone(make_vit, randomize, image
 def test_router_init_from_reuses_the_tasks_routing(make_vit, randomize, images, router, kwargs):
     model = randomize(make_vit(OLD, router=router, router_kwargs=kwargs))
     grown = add_tasks(model, ["reshading"], router_init_from="normal").eval()
+    src, dst = grown.task_index("normal"), grown.task_index("reshading")
+    for name, p in task_indexed_parameters(grown).items():
+        assert torch.equal(p[dst], p[src]), name  # the copied rows are bitwise the source task's
     with torch.no_grad():
         feats, _ = grown.forward_features(images, ["normal", "reshading"])
-    assert torch.equal(feats[0], feats[1])  # same task embedding and routers: the same tokens and experts
+    # same task embedding and routers: the same tokens (other rows of one batch, so equal to float rounding)
+    torch.testing.assert_close(feats[1], feats[0], **ROUNDING)
     grown.reset_usage()
     with torch.no_grad():
         grown(images, tasks=["normal", "reshading"])
     for _, layer in grown.moe_layers():
-        assert torch.equal(layer.usage[1], layer.usage[-1])
+        # the same experts, up to a top-k tie that rounding may break the other way (at most a few selections)
+        differ = (layer.usage[1] - layer.usage[-1]).abs().sum().item()
+        assert differ <= max(2, 0.02 * layer.usage[1].sum().item()), (layer.usage[1], layer.usage[-1])
 
 
 def test_freeze_modes_set_trainable_parameters(make_vit, randomize, images):

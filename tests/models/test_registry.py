@@ -16,13 +16,16 @@ def _params(module: torch.nn.Module) -> int:
 
 
 def _encoder_params(model: MultiTaskViT) -> int:
-    return _params(model) - _params(model.heads) - (model.task_embed.numel() if model.task_embed is not None else 0)
+    """Everything but the heads, the task embedding and the classification-only fc_norm."""
+    fc_norm = _params(model.fc_norm) if model.fc_norm is not None else 0
+    return (_params(model) - _params(model.heads) - fc_norm
+            - (model.task_embed.numel() if model.task_embed is not None else 0))
 
 
 def _timm_encoder(name: str) -> torch.nn.Module:
-    """timm's ViT with the same encoder as our dense twin: no class token, no classifier."""
-    return timm.create_model(name, pretrained=False, num_classes=0, class_token=False, global_pool="avg",
-                             fc_norm=False)
+    """timm's ViT with the same encoder as our dense twin (class token as the official Mod-Squad stem), no
+    classifier."""
+    return timm.create_model(name, pretrained=False, num_classes=0, class_token=True, global_pool="token")
 
 
 def test_list_models():
@@ -64,8 +67,8 @@ def test_modsquad_vit_s_paper_layout():
             assert isinstance(blk.mlp, MoEMlp) and not isinstance(blk.attn, MoEAttention)
             assert (blk.mlp.num_experts, blk.mlp.top_k, blk.mlp.expert_hidden) == (16, 4, 384)
     assert model.config["drop_path_rate"] == 0.1
-    assert model.config["router_kwargs"] == {}
-    assert 45e6 < _params(model) < 55e6
+    assert model.config["router_kwargs"] == {"init_std": 0.02}  # the official gates end up trunc_normal(.02)
+    assert 50e6 < _params(model) < 55e6
     model.eval()
     with torch.no_grad():
         out = model(torch.randn(1, 3, 64, 64))

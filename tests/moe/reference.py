@@ -12,6 +12,9 @@ import math
 import torch
 
 from modsquad.moe import (
+    GATE_VALUES,
+    MOA_BIAS,
+    PROB_EPS,
     MoEAttention,
     MoEMlp,
     PerTaskRouter,
@@ -34,6 +37,9 @@ ROUTER_CONFIGS = [
     ("shared", {}, False),
 ]
 ROUTER_IDS = [kind + "".join(f"-{k}={v}" for k, v in kw.items()) for kind, kw, _ in ROUTER_CONFIGS]
+# layer options the reference knows: gate values of the chosen experts, MoE attention biases
+GATE_VALUE_OPTIONS = list(GATE_VALUES)
+MOA_BIAS_OPTIONS = list(MOA_BIAS)
 
 
 def token_logits(router, x_t: torch.Tensor, task: int) -> torch.Tensor:
@@ -50,14 +56,24 @@ def token_logits(router, x_t: torch.Tensor, task: int) -> torch.Tensor:
 
 
 def token_route(router, x_t: torch.Tensor, task: int) -> tuple[list[int], list[torch.Tensor]]:
-    """Chosen experts (best first) and their weights for one token."""
+    """Chosen experts (best first, as ids of the layer's experts) and their weights for one token.
+
+    The softmax runs over every gate row (+ PROB_EPS for raw top-k prob gates); with `kept_experts` the choice
+    is among the kept rows only, and expert j of the layer is gate row kept_experts[j].
+    """
     logits = token_logits(router, x_t, task)
+    probs = torch.softmax(logits, dim=0)
+    if router.gate_values == "topk_probs":
+        probs = probs + PROB_EPS
+    rows = list(range(len(logits))) if router.kept_experts is None else router.kept_experts.tolist()
     values = logits.tolist()
-    chosen = sorted(range(len(values)), key=lambda e: (-values[e], e))[: router.top_k]
+    chosen = sorted(range(len(rows)), key=lambda j: (-values[rows[j]], j))[: router.top_k]
     if isinstance(router, TaskLevelRouter) and router.mode == "gumbel_st":
         weights = [torch.ones((), dtype=x_t.dtype) / router.top_k] * router.top_k
+    elif router.gate_values == "topk_probs":
+        weights = [probs[rows[j]] for j in chosen]
     else:
-        weights = list(torch.softmax(torch.stack([logits[e] for e in chosen]), dim=0))
+        weights = list(torch.softmax(torch.stack([logits[rows[j]] for j in chosen]), dim=0))
     return chosen, weights
 
 
@@ -93,7 +109,7 @@ def reference_attention(layer: MoEAttention, x: torch.Tensor, task_ids) -> torch
         values = x[b] @ w_v.t() + b_v
         for n in range(x.shape[1]):
             x_t = x[b, n]
-            out = layer.o_bias.clone()
+            out = layer.o_bias.clone() if layer.o_bias is not None else torch.zeros_like(x_t)
             for e, w in zip(*token_route(layer.router, x_t, tasks[b]), strict=True):
                 q = x_t @ layer.q_weight[e] + (layer.q_bias[e] if layer.q_bias is not None else 0.0)
                 attn = torch.softmax(keys @ q / math.sqrt(hd), dim=0)  # [N]
@@ -110,6 +126,8 @@ def randomize_router(router, generator: torch.Generator, never: int | None = Non
         p.copy_(torch.randn(p.shape, generator=generator, dtype=p.dtype))
     if never is None:
         return
+    if router.kept_experts is not None:  # `never` is an expert of the layer: its gate row is kept_experts[never]
+        never = int(router.kept_experts[never])
     if isinstance(router, PerTaskRouter):
         router.weight[:, never] = 0.0
         router.weight[:, never, 0] = NEVER_LOGIT

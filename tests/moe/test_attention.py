@@ -4,6 +4,8 @@ import torch
 from modsquad.moe import MoEAttention
 
 from .reference import (
+    GATE_VALUE_OPTIONS,
+    MOA_BIAS_OPTIONS,
     ROUTER_CONFIGS,
     ROUTER_IDS,
     assert_layer_matches,
@@ -32,10 +34,12 @@ def _layer(kind, kwargs, gen, never=None, dtype=torch.float64, dim=DIM, head_dim
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("never", [None, EXPERTS - 1], ids=["all-experts", "idle-expert"])
+@pytest.mark.parametrize("gate_values", GATE_VALUE_OPTIONS)
+@pytest.mark.parametrize("bias", MOA_BIAS_OPTIONS)
 @pytest.mark.parametrize(("kind", "kwargs", "stochastic"), ROUTER_CONFIGS, ids=ROUTER_IDS)
-def test_matches_reference_float64(kind, kwargs, stochastic, never, seed):
+def test_matches_reference_float64(kind, kwargs, stochastic, gate_values, bias, never, seed):
     x, task_ids, gen = _inputs(seed)
-    layer = _layer(kind, kwargs, gen, never=never).train(not stochastic)
+    layer = _layer(kind, kwargs, gen, never=never, gate_values=gate_values, bias=bias).train(not stochastic)
     assert_layer_matches(layer, reference_attention, x, task_ids, gen)
     if never is not None:
         assert layer.usage[:, never].sum() == 0 and layer.usage.sum() == x.shape[0] * x.shape[1] * TOP_K

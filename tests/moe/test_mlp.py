@@ -4,6 +4,7 @@ import torch
 from modsquad.moe import MoEMlp, count_selections
 
 from .reference import (
+    GATE_VALUE_OPTIONS,
     ROUTER_CONFIGS,
     ROUTER_IDS,
     assert_layer_matches,
@@ -32,10 +33,11 @@ def _layer(kind, kwargs, gen, never=None, dtype=torch.float64, dim=DIM, hidden=H
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("never", [None, EXPERTS - 1], ids=["all-experts", "idle-expert"])
+@pytest.mark.parametrize("gate_values", GATE_VALUE_OPTIONS)
 @pytest.mark.parametrize(("kind", "kwargs", "stochastic"), ROUTER_CONFIGS, ids=ROUTER_IDS)
-def test_matches_reference_float64(kind, kwargs, stochastic, never, seed):
+def test_matches_reference_float64(kind, kwargs, stochastic, gate_values, never, seed):
     x, task_ids, gen = _inputs(seed)
-    layer = _layer(kind, kwargs, gen, never=never).train(not stochastic)
+    layer = _layer(kind, kwargs, gen, never=never, gate_values=gate_values).train(not stochastic)
     assert_layer_matches(layer, reference_mlp, x, task_ids, gen)
     if never is not None:
         assert layer.usage[:, never].sum() == 0 and layer.usage.sum() == x.shape[0] * x.shape[1] * TOP_K

@@ -18,6 +18,7 @@ from modsquad.tasks.metrics import (
     delta_m,
     max_filter,
     thin_edges,
+    zero_baseline_tasks,
 )
 from modsquad.tasks.registry import IGNORE_INDEX, TASKS, get_task
 
@@ -276,3 +277,16 @@ def test_delta_m_missing_task_names_it():
         delta_m({"normal": {"mean_angle": 20.0}}, {"depth_euclidean": {"l1": 1.0}})
     with pytest.raises(UserError, match="mean_angle"):
         delta_m({"normal": {"mean_angle": 20.0}}, {"normal": {"median_angle": 1.0}})
+
+
+def test_delta_m_zero_baseline_is_named_or_skipped():
+    """An untrained model's first eval often scores 0 mIoU: no relative change from 0 exists."""
+    metrics = {"depth_euclidean": {"l1": 0.9}, "segment_semantic": {"miou": 12.0}}
+    baseline = {"depth_euclidean": {"l1": 1.0}, "segment_semantic": {"miou": 0.0}}
+    with pytest.raises(UserError, match="segment_semantic"):
+        delta_m(metrics, baseline)
+    out = delta_m(metrics, baseline, skip_zero_baselines=True)
+    assert math.isnan(out["segment_semantic"]) and out["mean"] == pytest.approx(10.0)  # mean of the others
+    assert zero_baseline_tasks(baseline, list(metrics)) == ["segment_semantic"]
+    all_zero = delta_m(metrics, {t: {"l1": 0.0, "miou": 0.0} for t in metrics}, skip_zero_baselines=True)
+    assert math.isnan(all_zero["mean"])

@@ -90,3 +90,16 @@ def test_save_prediction_png_round_trip(tmp_path):
     assert np.array_equal(np.asarray(Image.open(path)), img)
     with pytest.raises(ValueError):
         save_prediction_png(tmp_path / "c.png", img.astype(np.float32))
+
+
+@pytest.mark.parametrize("name", ["class_object", "class_scene"])
+def test_classification_targets_with_their_per_sample_mask(name):
+    """The loader's class mask is one bool per sample; drawing a class target with it must not reshape it."""
+    spec = get_task(name)
+    target = torch.softmax(torch.randn(spec.channels), 0)
+    drawn = colorize(name, target, mask=torch.tensor(True), logits=False)
+    assert drawn.shape == (64, 64, 3) and (drawn != 255).any()
+    assert not colorize(name, target, mask=torch.tensor(False)).any()  # unlabelled image: black
+    image = torch.rand(3, H, W)
+    grid = make_grid(image, {name: torch.randn(spec.channels)}, {name: target}, {name: torch.tensor(True)})
+    assert grid.shape == (H + LABEL_HEIGHT, 3 * W + 2 * 2, 3)

@@ -19,7 +19,7 @@ def test_study_quick_smoke(tmp_path):
     report = study.main(["--quick", "--out", str(tmp_path / "study")])
     text = report.read_text()
     assert "## Routers vs the dense baseline" in text and "| per_task_mi | per_task +MI |" in text
-    assert "bit-identical to the source model's (torch.equal on val images): **yes**" in text
+    assert "within float rounding (rtol 1e-5, val images): **yes**" in text
     assert "## Few-shot transfer" in text and "| 4 |" in text
     for name in ("study_compare.png", "study_usage_mi.png", "study_add_task.png"):
         assert (report.parent / name).read_bytes()[:4] == b"\x89PNG", name
