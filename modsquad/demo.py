@@ -6,8 +6,9 @@
 2. train `modsquad_vit_tiny` on its tasks (configs/synthetic_tiny.yaml) with the mutual-information loss, which
    makes each task concentrate on a few experts, into OUT/run;
 3. evaluate the run on the val split (OUT/run/metrics.json);
-4. count expert usage on the val split (OUT/usage/usage.{json,png}: task x expert heatmaps);
-5. extract every task with the experts that carry `mass` of its routing (OUT/extracted/<task>);
+4. count expert usage on the training split (OUT/usage/usage.{json,png}: task x expert heatmaps);
+5. extract every task with the experts that carry `mass` of its routing (OUT/extracted/<task>), with the
+   routing coverage and max |diff| measured on the held-out val split;
 6. benchmark every extracted model against the full model (OUT/bench/bench.{json,md,png}).
 
 The last panel lists every artefact and the benchmark table. Everything is deterministic by seed except timing.
@@ -41,7 +42,7 @@ class DemoSize:
     bench_repeats: int
     bench_batch: tuple[int, int]
     mi: float
-    mass: float  # routing mass of the experts kept per task (1.0: every expert the task used on val)
+    mass: float  # routing mass of the experts kept per task (1.0: every expert the task used in training)
     lr: float = 3e-3  # with a 30-step warm-up; tuned for the short CPU run (the config's 1e-3 learns too slowly)
     warmup: int = 30
     weighting: str = "equal"  # uncertainty weighting shrinks the segmentation CE early in a short run
@@ -136,8 +137,8 @@ def run_demo(out: str | Path = "demo_out", *, images: int | None = None, steps: 
     """Run the demo into `out` (see the module docstring); returns the artefacts and numbers.
 
     `quick` picks the small test size; `images`, `steps`, `size`, `tasks`, `mass` override either size's
-    values (`mass`: the routing mass a task's kept experts carry; 1.0 keeps every expert it used on the val
-    split). `threads`: torch CPU threads for the whole demo (None keeps torch's setting); the default 1 is the
+    values (`mass`: the routing mass a task's kept experts carry; 1.0 keeps every expert it used on the
+    training split). `threads`: torch CPU threads for the whole demo (None keeps torch's setting); the default 1 is the
     fastest for this tiny model and keeps a shared machine from stalling on oversubscribed threads. An existing
     OUT/run is replaced.
     """

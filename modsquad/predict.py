@@ -194,8 +194,8 @@ def predict_images(model_path: str | os.PathLike, images: Sequence[str | os.Path
         raise DataError(f"batch_size must be at least 1, got {batch_size}")
     if out is not None and Path(out).exists() and not Path(out).is_dir():
         raise OutputPathError(f"--out {out} is an existing file, not a folder")
-    files = image_files(images)
     predict, specs, size, dev = load_predictor(model_path, tasks, device, compile=compile)
+    files = image_files(images)
     targets = output_paths(files, list(specs), out)
     arrays = read_images(files)
     if out is not None:

@@ -119,6 +119,7 @@ CASES = {
     "train/freeze-without-from": ["train", "--config", "{cfg}", "--out", "{new}", "--freeze", "experts"],
     # eval
     "eval/missing": ["eval", "{missing}"],
+    "eval/dir-not-a-run": ["eval", "{data}"],
     "eval/file": ["eval", "{file}"],
     "eval/truncated": ["eval", "{trunc}"],
     "eval/out-is-file": ["eval", "{run}", "--out", "{file}"],
@@ -134,6 +135,7 @@ CASES = {
     "compare/missing": ["compare", "{missing}", "--out", "{new}"],
     "compare/out-is-file": ["compare", "{run}", "--out", "{file}"],
     "compare/not-evaluated": ["compare", "{run}", "--out", "{new}"],
+    "compare/baseline-garbage": ["compare", "{run}", "--baseline", "{badjson}", "--out", "{new}"],
     # usage
     "usage/missing": ["usage", "{missing}"],
     "usage/truncated": ["usage", "{trunc}", "--out", "{new}"],
@@ -152,6 +154,8 @@ CASES = {
     "extract/task": ["extract", "{run}", "--out", "{new}", "--tasks", "nope"],
     "extract/usage-garbage": ["extract", "{run}", "--out", "{new}", "--usage", "{garbage}"],
     "extract/usage-missing": ["extract", "{run}", "--out", "{new}", "--usage", "{missing}"],
+    "extract/usage-dir-without-one": ["extract", "{run}", "--out", "{new}", "--usage", "{data}"],
+    "extract/threshold-type": ["extract", "{run}", "--out", "{new}", "--threshold", "high"],
     # bench
     "bench/extracted-missing": ["bench", "{run}", "--extracted", "{missing}", "--out", "{new}"],
     "bench/out-is-file": ["bench", "{run}", "--extracted", "{ext}", "--out", "{file}"],
@@ -160,6 +164,8 @@ CASES = {
     "bench/max-images-neg": ["bench", "{run}", "--extracted", "{ext}", "--out", "{new}", "--max-images", "-1"],
     "bench/task": ["bench", "{run}", "--extracted", "{ext}", "--out", "{new}", "--tasks", "nope"],
     "bench/truncated": ["bench", "{trunc}", "--extracted", "{ext}", "--out", "{new}"],
+    "bench/extracted-is-file": ["bench", "{run}", "--extracted", "{file}", "--out", "{new}"],
+    "bench/threads-0": ["bench", "{run}", "--extracted", "{ext}", "--out", "{new}", "--threads", "0"],
     # predict
     "predict/image-missing": ["predict", "{normal}", "{missing}", "--out", "{new}"],
     "predict/out-is-file": ["predict", "{normal}", "{img}", "--out", "{file}"],
@@ -167,6 +173,8 @@ CASES = {
     "predict/garbage-image": ["predict", "{normal}", "{garbage}", "--out", "{new}"],
     "predict/model-missing": ["predict", "{missing}", "{img}", "--out", "{new}"],
     "predict/model-is-file": ["predict", "{file}", "{img}", "--out", "{new}"],
+    "predict/folder-without-images": ["predict", "{normal}", "{data}", "--out", "{new}"],
+    "predict/truncated-model": ["predict", "{trunc}", "{img}", "--out", "{new}"],
     "predict/task": ["predict", "{run}", "{img}", "--task", "nope", "--out", "{new}"],
     "predict/overwrites-input": ["predict", "{run}", "{img}", "{img_normal}"],
     "predict/same-stem-two-folders": ["predict", "{normal}", "{img}", "{img2}", "--out", "{new}"],

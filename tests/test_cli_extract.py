@@ -70,19 +70,20 @@ def test_usage(run_dir, tmp_path):
 def test_extract_and_predict(run_dir, tmp_path):
     out = tmp_path / "ext"
     result = _ok(["extract", run_dir, "--out", out, "--tasks", "normal,depth_euclidean", "--onnx"])
-    assert "max |diff|" in result.output and "held-out val images" in result.output
+    assert "max |diff|" in result.output and "train images usage was counted on" in result.output
     assert "coverage" in result.output
     assert sorted(p.name for p in out.iterdir()) == ["depth_euclidean", "normal"]
     for task in ("normal", "depth_euclidean"):
         info = json.loads((out / task / "config.json").read_text())
         # exact (to float rounding) on the images usage was counted on: every expert they used is kept
         assert info["counted"]["split"] == "train" and info["counted"]["max_abs_diff"] <= 1e-5
+        assert info["max_abs_diff"] == info["counted"]["max_abs_diff"]
         # on held-out images only as far as the routing stays inside the kept experts: measured, not claimed
         held = info["heldout"]
         assert held["split"] == "val" and held["images"] == 4 and 0.0 <= held["coverage"] <= 1.0
         if held["tokens_covered"] == 1.0:
             assert held["max_abs_diff"] <= 1e-5
-        assert info["check_images"] == {"count": 4, "kind": "held-out val images"}
+        assert info["check_images"] == {"count": 4, "kind": "train images usage was counted on"}
         assert info["params"]["extracted"] < info["params"]["full"]
         assert info["onnx"]["max_abs_diff"] <= 1e-4 and (out / task / "model.onnx").is_file()
 

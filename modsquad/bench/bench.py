@@ -73,16 +73,13 @@ def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in module.parameters()}.values())
 
 
-def _per_task_rows(name: str, param: torch.Tensor, module: nn.Module, num_tasks: int) -> bool:
-    """True for parameters stacked per task along dim 0 (task embeddings, per-task gates, task logits)."""
-    if param.dim() == 0 or param.shape[0] != num_tasks:
-        return False
-    leaf = name.rsplit(".", 1)[-1]
-    if getattr(module, "num_tasks", None) == num_tasks and leaf in ("weight", "noise_weight", "task_logits",
-                                                                    "task_embed"):
-        return not isinstance(module, (nn.Linear, nn.LayerNorm))
-    owner = name.rsplit(".", 1)[0] if "." in name else ""
-    return "task" in leaf or (isinstance(module, nn.Embedding) and "task" in owner)
+def _task_indexed(model: nn.Module) -> set[int]:
+    """ids of the parameters stacked per task along dim 0: the model's task embedding and what its MoE layers
+    declare (`MoELayer.task_parameters()`: per-task router gates, task logits, ...)."""
+    params = [getattr(model, "task_embed", None)]
+    for _, layer in model.moe_layers() if hasattr(model, "moe_layers") else ():
+        params.extend(layer.task_parameters().values())
+    return {id(p) for p in params if p is not None}
 
 
 def task_param_count(model: nn.Module, task: str, tasks: Sequence[str] | None = None) -> int:
@@ -94,14 +91,12 @@ def task_param_count(model: nn.Module, task: str, tasks: Sequence[str] | None = 
     """
     tasks = list(tasks if tasks is not None else model.tasks)
     others = set(tasks) - {task}
-    modules = dict(model.named_modules())
+    by_task = _task_indexed(model)
     total = 0
     for name, param in model.named_parameters():
-        parts = name.split(".")
-        if others & set(parts):
+        if others & set(name.split(".")):
             continue
-        owner = modules.get(".".join(parts[:-1]), model)
-        if _per_task_rows(name, param, owner, len(tasks)):
+        if id(param) in by_task:
             total += param.numel() // len(tasks)
         else:
             total += param.numel()

@@ -119,6 +119,14 @@ def markdown(result: dict) -> str:
     if data:
         lines.append(f"Metrics on {data.get('images', '?')} images of the `{data.get('split', 'val')}` split of "
                      f"`{data.get('root', '?')}`.")
+    cover = {t: e["heldout_coverage"] for t, e in result["tasks"].items()
+             if (e.get("heldout_coverage") or {}).get("coverage") is not None}
+    if cover:
+        held = all(c.get("held_out") for c in cover.values())
+        where = ("held out: usage was counted on another split" if held
+                 else "not all held out: some usage was counted on this split")
+        lines.append("Routing coverage on these images (share of the full model's top-k choices inside the kept "
+                     f"experts; {where}): " + ", ".join(f"{t} {c['coverage']:.1%}" for t, c in cover.items()) + ".")
     lines += ["", "Definitions:", ""]
     lines += [f"- **{k}**: {v}" for k, v in result.get("definitions", {}).items()]
     return "\n".join(lines) + "\n"

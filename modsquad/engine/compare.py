@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError, UserError
+from ..moe import router_class, router_names
 from .checkpoint import atomic_write, load_model, read_metadata, resolve_checkpoint
 from .evaluate import read_metrics
 
@@ -55,11 +56,8 @@ def _run_dir(path: str | Path) -> Path:
 def _router_label(model_config: Mapping, aux: Mapping | None) -> tuple[str, str]:
     """('task_level/gumbel_st', 'task_level/gumbel_st +MI') from the model config and the aux loss weights."""
     router = model_config.get("router", "?")
-    mode = (model_config.get("router_kwargs") or {}).get("mode")
-    if router == "task_level":
-        router = f"{router}/{mode or 'softmax'}"
-    if (model_config.get("router_kwargs") or {}).get("noisy"):
-        router += "/noisy"
+    if router in router_names():  # each router names its own variants (`Router.label`)
+        router = router_class(router).label(model_config.get("router_kwargs") or {})
     extras = [] if aux is None or router == "dense" else [
         label for key, label in (("mi", "MI"), ("balance", "bal"), ("z", "z")) if float(aux.get(key) or 0) > 0]
     return router, router + (f" +{'+'.join(extras)}" if extras else "")

@@ -24,7 +24,6 @@ from torch import nn
 
 from ..core.atomic import publish, staging_dir
 from ..errors import CheckpointError, ConfigError, DataError, OutputPathError, UnknownNameError
-from ..moe import TaskLevelRouter
 from .prune import check_selection, count_params, extract_task, select_experts
 from .standalone import (
     CONFIG_NAME,
@@ -34,7 +33,6 @@ from .standalone import (
     ExtractedModel,
     config_sha256,
     file_sha256,
-    fixed_routing,
     fold_moe_layers,
 )
 from .usage import (
@@ -96,8 +94,8 @@ def onnx_module(sub: ExtractedModel) -> nn.Module:
     `task_level` layers must have been folded first."""
     sub = deepcopy(sub).eval()
     for name, layer in sub.model.moe_layers():
-        if isinstance(layer.router, TaskLevelRouter):
-            raise ValueError(f"{name}: fold task_level layers before exporting (fold_moe_layers)")
+        if layer.router.fixed_routing:
+            raise ValueError(f"{name}: fold layers with fixed routing before exporting (fold_moe_layers)")
     return sub
 
 
@@ -148,8 +146,8 @@ def kept_experts(model: nn.Module, task: str, counts: Mapping[str, Sequence[int]
     top_k = {name: layer.top_k for name, layer in model.moe_layers()}
     kept = select_experts(counts, top_k, threshold, mass)
     for name, layer in model.moe_layers():
-        if isinstance(layer.router, TaskLevelRouter):
-            kept[name] = sorted(fixed_routing(layer, t)[0].tolist())
+        if layer.router.fixed_routing:
+            kept[name] = sorted(layer.router.fixed_choice(t)[0].tolist())
     return kept
 
 
@@ -204,7 +202,9 @@ def extract(checkpoint: str | os.PathLike, out: str | os.PathLike, *, tasks: Seq
     never picked while counting, so each summary also holds `heldout`: on up to `heldout_images` images of a
     held-out split (val when usage is counted on train), the routing coverage (share of the full model's top-k
     choices inside the kept experts; 1.0 means routed exactly as the full model) and the max |diff| on
-    `check_images` of them. A summary also holds the kept experts per layer, parameter counts and the ONNX check.
+    `check_images` of them. `max_abs_diff` itself is measured on `check_images` of the counting images (held-out
+    ones when usage came from a file and no data is at hand, random ones without any data; `check_images` says
+    which). A summary also holds the kept experts per layer, parameter counts and the ONNX check.
     """
     from ..engine.checkpoint import load_model, resolve_checkpoint
     from ..engine.distributed import resolve_device
@@ -259,14 +259,19 @@ def extract(checkpoint: str | os.PathLike, out: str | os.PathLike, *, tasks: Seq
         except DataError as e:  # e.g. a data set without that split: say so instead of claiming coverage
             heldout, heldout_name = None, f"{heldout_name} (unavailable: {e})"
     device_ = next(model.parameters()).device
-    check = _first_images(model, heldout, check_images)
-    check_kind = f"held-out {heldout_name} images" if check is not None else "random images (no data given)"
-    if check is None:
-        check = _random_images(model, check_images)
-    counted_check = _first_images(model, counting, check_images)
+    # max_abs_diff: on images usage was counted on (where keeping every used expert is exact), else held-out
+    # or, without data, random images; the held-out difference is reported beside the coverage
+    counted_imgs = _first_images(model, counting, check_images)
+    held_imgs = _first_images(model, heldout, check_images)
+    if counted_imgs is not None:
+        check, check_kind = counted_imgs, f"{counted_split} images usage was counted on"
+    elif held_imgs is not None:
+        check, check_kind = held_imgs, f"held-out {heldout_name} images"
+    else:
+        check, check_kind = _random_images(model, check_images), "random images (no data given)"
     with torch.no_grad():
         full_out = model(check.to(device_), tasks=tasks)
-        counted_full = model(counted_check.to(device_), tasks=tasks) if counted_check is not None else None
+        held_full = model(held_imgs.to(device_), tasks=tasks) if held_imgs is not None else None
     full_params = count_params(model)
     selection = {"mode": "mass" if mass is not None else "threshold" if threshold is not None else "used",
                  "threshold": threshold, "mass": mass,
@@ -286,12 +291,12 @@ def extract(checkpoint: str | os.PathLike, out: str | os.PathLike, *, tasks: Seq
             kept, folded = sub.info["kept"], sub.info["folded_layers"]
             with torch.no_grad():
                 diff = (sub(check.to(device_)) - full_out[task]).abs().max().item()
-                counted_diff = ((sub(counted_check.to(device_)) - counted_full[task]).abs().max().item()
-                                if counted_check is not None else None)
+                held_diff = ((sub(held_imgs.to(device_)) - held_full[task]).abs().max().item()
+                             if held_imgs is not None else None)
             cov = coverage.get(task, {})
             held = {"split": heldout_name, "images": covered_images, "coverage": cov.get("coverage"),
                     "tokens_covered": cov.get("tokens_covered"), "per_layer": cov.get("per_layer", {}),
-                    "max_abs_diff": diff if heldout is not None else None}
+                    "max_abs_diff": held_diff, "diff_images": int(held_imgs.shape[0]) if held_imgs is not None else 0}
             info = {
                 "model_config": sub.info["model_config"],
                 "folded": bool(folded),
@@ -304,8 +309,9 @@ def extract(checkpoint: str | os.PathLike, out: str | os.PathLike, *, tasks: Seq
                 "params": {"extracted": count_params(sub), "full": full_params},
                 "max_abs_diff": diff,
                 "check_images": {"count": int(check.shape[0]), "kind": check_kind},
-                "counted": {"split": counted_split, "max_abs_diff": counted_diff,
-                            "images": int(counted_check.shape[0]) if counted_check is not None else 0},
+                "counted": {"split": counted_split,
+                            "max_abs_diff": diff if counted_imgs is not None else None,
+                            "images": int(counted_imgs.shape[0]) if counted_imgs is not None else 0},
                 "heldout": held,
             }
             task_dir = staged / task

@@ -15,8 +15,9 @@ depend on the softmax denominator over every expert, so the extracted router kee
 (they are tiny) but the layer only the kept experts' weights (`attn_kept_experts` / `mlp_kept_experts` in the
 config); when a dropped expert would win the top-k, the token falls back to the best kept experts. Either way,
 when every expert a token chose is kept, the token chooses the same experts with the same weights in the
-extracted model and its output is unchanged. `task_level` routers decide once per task; their layers are folded
-into dense layers afterwards (`modsquad.extract.standalone.fold_moe_layers`).
+extracted model and its output is unchanged. Slicing is each layer's and router's own (`MoELayer.slice`,
+`Router.slice`). Routers with `fixed_routing` (`task_level`) decide once per task; their layers are folded into
+dense layers afterwards (`modsquad.extract.standalone.fold_moe_layers`).
 """
 
 from __future__ import annotations
@@ -28,18 +29,8 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..moe import (
-    MoEAttention,
-    MoEMlp,
-    PerTaskRouter,
-    SharedRouter,
-    TaskConditionedRouter,
-    TaskLevelRouter,
-    experts_for_mass,
-    experts_over_threshold,
-)
+from ..moe import MoELayer, experts_for_mass, experts_over_threshold
 
-SELECTION_MODES = ("used", "threshold", "mass", "paper")
 #: Mod-Squad's pruning rule (main_pruning.py / models_mt.py `pruning`): keep an expert if its usage share in
 #: percent exceeds thresh / k, with thresh = 3 (0.5 % for 15-expert top-6 MoA, 0.75 % for 16-expert top-4 MLPs)
 PAPER_THRESH = 3.0
@@ -103,80 +94,31 @@ def select_experts(counts: Mapping[str, Sequence[int]], top_k: Mapping[str, int]
 
 # --- slicing ------------------------------------------------------------------------------------------------
 
-def _slice_router(router: nn.Module, task: int, kept: torch.Tensor) -> dict[str, torch.Tensor]:
-    """State of a one-task router over the kept experts (keys relative to the router)."""
-    t = slice(task, task + 1)
-    if isinstance(router, PerTaskRouter):  # weight: [num_tasks, E, D]
-        state = {"weight": router.weight[t][:, kept]}
-        if router.noise_weight is not None:
-            state["noise_weight"] = router.noise_weight[t][:, kept]
-        return state
-    if isinstance(router, TaskConditionedRouter):  # gate: Linear(D + task_dim, E), task_embed: [num_tasks, td]
-        return {"task_embed": router.task_embed[t], "gate.weight": router.gate.weight[kept],
-                "gate.bias": router.gate.bias[kept]}
-    if isinstance(router, TaskLevelRouter):  # task_logits: [num_tasks, E]
-        return {"task_logits": router.task_logits[t][:, kept]}
-    if isinstance(router, SharedRouter):  # gate: Linear(D, E, bias=False)
-        return {"gate.weight": router.gate.weight[kept]}
-    raise TypeError(f"cannot extract from router {type(router).__name__}")
-
-
-def keeps_gate_rows(layer: nn.Module) -> bool:
-    """Whether an extracted copy of `layer` keeps every gate row (raw top-k prob gates need the softmax
-    denominator over all experts) rather than only the kept experts' rows."""
-    return layer.router.gate_values == "topk_probs"
-
-
-def slice_moe_layer(layer: nn.Module, task: int, kept: Sequence[int]) -> dict[str, torch.Tensor]:
-    """State dict (keys relative to the layer) of `layer` restricted to task `task` and experts `kept`.
-
-    Expert weights are stored expert-first (`[E, ...]`), so keeping experts is an index on dim 0; the shared
-    key/value projection and output bias of MoE attention are kept whole. The router keeps the task's rows of
-    the kept experts, or of every expert when `keeps_gate_rows(layer)`. The usage counts start at zero.
-    """
-    idx = torch.as_tensor(list(kept), dtype=torch.long, device=layer.usage.device)
-    rows = torch.arange(layer.router.num_gate_rows, device=idx.device) if keeps_gate_rows(layer) else idx
-    if not keeps_gate_rows(layer) and layer.router.kept_experts is not None:
-        rows = layer.router.kept_experts[idx]  # renormalised gates over a layer that already kept rows
-    if isinstance(layer, MoEMlp):
-        expert_params = ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")
-    elif isinstance(layer, MoEAttention):
-        expert_params = ("q_weight", "q_bias", "o_weight")
-    else:
-        raise TypeError(f"not an MoE layer: {type(layer).__name__}")
-    state = {}
-    for name, value in layer.state_dict().items():
-        if name.startswith("router.") or name == "usage":
-            continue
-        state[name] = value.index_select(0, idx) if name in expert_params else value
-    state.update({f"router.{k}": v for k, v in _slice_router(layer.router, task, rows).items()})
-    state["usage"] = torch.zeros(1, len(idx), dtype=layer.usage.dtype, device=layer.usage.device)
-    return {k: v.detach().clone() for k, v in state.items()}
-
-
-def task_config(model: nn.Module, task: str, kept: Mapping[str, Sequence[int]]) -> dict:
-    """`model.config` for the single-task model that keeps `kept[layer]` experts in each MoE layer."""
+def _sliced_layers(model: nn.Module, task: int, kept: Mapping[str, Sequence[int]]) -> dict[str, MoELayer]:
     layers = model.moe_layers()
     missing = [name for name, _ in layers if name not in kept]
     if missing:
         raise ValueError(f"no kept experts given for MoE layer(s) {missing}")
+    return {name: layer.slice(task, kept[name]) for name, layer in layers}
+
+
+def _config_for(model: nn.Module, task: str, sliced: Mapping[str, MoELayer]) -> dict:
+    """`model.config` for one task whose MoE layers are `sliced`: per layer kind, `<kind>_experts` (gate rows)
+    and `<kind>_kept_experts` (kept experts' gate rows, or null when a layer's router keeps only theirs)."""
     config = dict(model.config)
     config["tasks"] = [task]
-    for kind, cls in (("attn", MoEAttention), ("mlp", MoEMlp)):
-        of_kind = [(n, m) for n, m in layers if isinstance(m, cls)]
-        config[f"{kind}_experts"] = [m.router.num_gate_rows if keeps_gate_rows(m) else len(kept[n])
-                                     for n, m in of_kind]
-        gate_rows = [_kept_gate_rows(m, kept[n]) if keeps_gate_rows(m) else None for n, m in of_kind]
-        config[f"{kind}_kept_experts"] = gate_rows if any(r is not None for r in gate_rows) else None
+    kinds = dict.fromkeys(layer.kind for layer in sliced.values())
+    for kind in kinds:
+        of_kind = [layer for layer in sliced.values() if layer.kind == kind]
+        config[f"{kind}_experts"] = [layer.router.num_gate_rows for layer in of_kind]
+        rows = [None if layer.router.kept_experts is None else layer.router.kept_experts.tolist() for layer in of_kind]
+        config[f"{kind}_kept_experts"] = rows if any(r is not None for r in rows) else None
     return config
 
 
-def _kept_gate_rows(layer: nn.Module, kept: Sequence[int]) -> list[int] | None:
-    """Gate rows of the kept experts (ids of `layer`'s experts), or None when every gate row's expert is kept."""
-    kept = [int(e) for e in kept]
-    if layer.router.kept_experts is not None:
-        kept = [int(layer.router.kept_experts[e]) for e in kept]
-    return None if kept == list(range(layer.router.num_gate_rows)) else kept
+def task_config(model: nn.Module, task: str, kept: Mapping[str, Sequence[int]]) -> dict:
+    """`model.config` for the single-task model that keeps `kept[layer]` experts in each MoE layer."""
+    return _config_for(model, task, _sliced_layers(model, model.task_index(task), kept))
 
 
 def extract_task(model: nn.Module, task: str, kept: Mapping[str, Sequence[int]]) -> nn.Module:
@@ -189,7 +131,8 @@ def extract_task(model: nn.Module, task: str, kept: Mapping[str, Sequence[int]])
     from ..models import build_model_from_config
 
     t = model.task_index(task)
-    sub = build_model_from_config(task_config(model, task, kept))
+    sliced = _sliced_layers(model, t, kept)
+    sub = build_model_from_config(_config_for(model, task, sliced))
     source = model.state_dict()
     state = {}
     for name in sub.state_dict():
@@ -199,8 +142,8 @@ def extract_task(model: nn.Module, task: str, kept: Mapping[str, Sequence[int]])
             state[name] = source[name][t:t + 1]
         elif name in source:
             state[name] = source[name]
-    for name, layer in model.moe_layers():
-        state.update({f"{name}.{k}": v for k, v in slice_moe_layer(layer, t, kept[name]).items()})
+    for name, layer in sliced.items():
+        state.update({f"{name}.{k}": v for k, v in layer.state_dict().items()})
     state.update({f"heads.{task}.{k}": v for k, v in model.heads[task].state_dict().items()})
     sub.load_state_dict(state, strict=True)
     device = next(model.parameters()).device

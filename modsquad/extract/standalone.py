@@ -9,10 +9,11 @@ An extracted task lives in a directory of two files (written by `modsquad.extrac
 `load_extracted(dir)` rebuilds the architecture from `model_config` with the same `MultiTaskViT` class, applies the
 same folding (shapes only depend on the config) and loads the weights; it needs no other file.
 
-Folding: a `task_level` router makes one decision per (task, layer) that does not look at the tokens, so in eval
-every token of the task goes through the same k experts with the same weights. Such a MoE MLP is exactly a dense
-MLP whose hidden units are the k experts' hidden units side by side, with each expert's output rows scaled by its
-weight; such a MoA layer is a multi-query attention with k heads sharing one key/value projection.
+Folding: a router with `fixed_routing` (`task_level`) makes one decision per (task, layer) that does not look at
+the tokens, so in eval every token of the task goes through the same k experts with the same weights. Each MoE
+layer folds itself (`MoELayer.fold`): a MoE MLP is exactly a dense MLP whose hidden units are the k experts' hidden
+units side by side, with each expert's output rows scaled by its weight; a MoA layer is a multi-query attention
+with k heads sharing one key/value projection (`FoldedMoEAttention`).
 """
 
 from __future__ import annotations
@@ -23,11 +24,10 @@ import os
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CheckpointError, UserError
-from ..moe import MoEAttention, MoEMlp, TaskLevelRouter
+from ..moe import FoldedMoEAttention, MoEAttention, MoEMlp
 
 EXTRACTED_FORMAT = "modsquad-extracted"
 CONFIG_NAME = "config.json"
@@ -35,103 +35,34 @@ WEIGHTS_NAME = "model.safetensors"
 ONNX_NAME = "model.onnx"
 
 
-class FoldedMoEAttention(nn.Module):
-    """MoE attention with fixed experts and weights: multi-query attention, k heads sharing keys/values.
-
-    q: Linear(dim, k * head_dim) holds the k experts' query projections; kv: the layer's shared Linear(dim,
-    2 * head_dim); proj: Linear(k * head_dim, dim) holds the experts' output projections, each scaled by its gate
-    weight, and the layer's output bias. x: [B, N, D] -> [B, N, D]; the task ids are ignored. Biases follow the
-    layer's (`moa_bias`): the official layout has only a kv bias, "qo_bias" has all three.
-    """
-
-    def __init__(self, dim: int, head_dim: int, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0.,
-                 proj_drop: float = 0., kv_bias: bool | None = None, proj_bias: bool = True):
-        super().__init__()
-        self.num_heads = num_heads
-        self.head_dim = head_dim
-        self.q = nn.Linear(dim, num_heads * head_dim, bias=qkv_bias)
-        self.kv = nn.Linear(dim, 2 * head_dim, bias=qkv_bias if kv_bias is None else kv_bias)
-        self.attn_drop = attn_drop
-        self.proj = nn.Linear(num_heads * head_dim, dim, bias=proj_bias)
-        self.proj_drop = nn.Dropout(proj_drop)
-
-    def forward(self, x: torch.Tensor, task_ids: torch.Tensor | None = None) -> torch.Tensor:
-        B, N, _ = x.shape
-        k, hd = self.num_heads, self.head_dim
-        q = self.q(x).view(B, N, k, hd).transpose(1, 2)  # [B, k, N, hd]
-        key, value = self.kv(x).view(B, 1, N, 2, hd).unbind(3)  # [B, 1, N, hd]
-        # expanded views of the one key/value head rather than enable_gqa, which the ONNX exporter lacks
-        o = F.scaled_dot_product_attention(q, key.expand(-1, k, -1, -1), value.expand(-1, k, -1, -1),
-                                           dropout_p=self.attn_drop if self.training else 0.)
-        return self.proj_drop(self.proj(o.transpose(1, 2).reshape(B, N, k * hd)))
-
-
 def fixed_routing(layer: nn.Module, task: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(expert ids [k], weights [k]) that a `task_level` layer gives every token of task `task` in eval."""
-    router = layer.router
-    if not isinstance(router, TaskLevelRouter):
-        raise ValueError(f"only task_level routers have fixed routing, not {type(router).__name__}")
-    was_training = router.training
-    router.eval()
-    with torch.no_grad():
-        dummy = router.task_logits.new_zeros(1, 1)  # the router does not look at the tokens
-        route = router(dummy, torch.tensor([task], device=dummy.device))
-    router.train(was_training)
-    return route.indices[0], route.weights[0]
+    """(expert ids [k], weights [k]) that a layer whose router has `fixed_routing` gives every token of task
+    `task` in eval."""
+    return layer.router.fixed_choice(task)
 
 
 def fold_moe_mlp(layer: MoEMlp) -> nn.Module:
-    """A dense MLP equal (in eval) to a one-task `task_level` MoE MLP: hidden = k * expert_hidden."""
-    from ..models.vit import DenseMlp
-
-    if layer.num_tasks != 1:
-        raise ValueError("fold the layers of an extracted (one-task) model")
-    idx, w = fixed_routing(layer)
-    k, h, d = len(idx), layer.expert_hidden, layer.dim
-    dense = DenseMlp(d, k * h, act_layer=type(layer.act), drop=layer.drop1.p).to(layer.fc1.weight.device)
-    w = w.to(layer.fc2.weight.dtype)
-    with torch.no_grad():
-        dense.fc1.weight.copy_(layer.fc1.weight[idx].transpose(1, 2).reshape(k * h, d))  # [k, D, h] -> [k*h, D]
-        dense.fc1.bias.copy_(layer.fc1.bias[idx].reshape(k * h))
-        dense.fc2.weight.copy_((layer.fc2.weight[idx] * w[:, None, None]).reshape(k * h, d).t())
-        dense.fc2.bias.copy_((layer.fc2.bias[idx] * w[:, None]).sum(0))
-    return dense
+    """A dense MLP equal (in eval) to a one-task MoE MLP with fixed routing: hidden = k * expert_hidden."""
+    return layer.fold()
 
 
 def fold_moe_attention(layer: MoEAttention) -> FoldedMoEAttention:
-    """A `FoldedMoEAttention` equal (in eval) to a one-task `task_level` MoE attention layer."""
-    if layer.num_tasks != 1:
-        raise ValueError("fold the layers of an extracted (one-task) model")
-    idx, w = fixed_routing(layer)
-    k, hd, d = len(idx), layer.head_dim, layer.dim
-    folded = FoldedMoEAttention(d, hd, k, qkv_bias=layer.q_bias is not None, attn_drop=layer.attn_drop,
-                                proj_drop=layer.proj_drop.p, kv_bias=layer.kv.bias is not None,
-                                proj_bias=layer.o_bias is not None).to(layer.q_weight.device)
-    w = w.to(layer.o_weight.dtype)
-    with torch.no_grad():
-        folded.q.weight.copy_(layer.q_weight[idx].transpose(1, 2).reshape(k * hd, d))
-        if layer.q_bias is not None:
-            folded.q.bias.copy_(layer.q_bias[idx].reshape(k * hd))
-        folded.kv.load_state_dict(layer.kv.state_dict())
-        folded.proj.weight.copy_((layer.o_weight[idx] * w[:, None, None]).reshape(k * hd, d).t())
-        if layer.o_bias is not None:
-            folded.proj.bias.copy_(layer.o_bias)
-    return folded
+    """A `FoldedMoEAttention` equal (in eval) to a one-task MoE attention layer with fixed routing."""
+    return layer.fold()
 
 
 def fold_moe_layers(model: nn.Module) -> list[str]:
-    """Replace every MoE layer of a one-task model whose router is `task_level` by its dense fold, in place.
+    """Replace every MoE layer of a one-task model whose router has `fixed_routing` by its dense fold, in place.
 
     Returns the names of the folded layers. Also used on a freshly built skeleton when loading, where only the
     resulting shapes matter.
     """
     folded = []
     for name, layer in model.moe_layers():
-        if not isinstance(layer.router, TaskLevelRouter):
+        if not layer.router.fixed_routing:
             continue
-        dense = fold_moe_mlp(layer) if isinstance(layer, MoEMlp) else fold_moe_attention(layer)
         parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, dense.train(layer.training))
+        setattr(model.get_submodule(parent_name), child, layer.fold())
         folded.append(name)
     return folded
 

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError, DataError
-from ..moe import MoEAttention, experts_for_mass_count
+from ..moe import experts_for_mass_count
 from .standalone import file_sha256
 
 USAGE_FORMAT = "modsquad-usage"
@@ -83,7 +83,7 @@ def count_usage(model: nn.Module, batches: Iterable, max_images: int | None = No
 
 def layer_info(model: nn.Module) -> list[dict]:
     """[{"name", "kind" ("attn" | "mlp"), "num_experts", "top_k", "router"}] of every MoE layer in block order."""
-    return [{"name": name, "kind": "attn" if isinstance(layer, MoEAttention) else "mlp",
+    return [{"name": name, "kind": layer.kind,
              "num_experts": layer.num_experts, "top_k": layer.top_k, "router": layer.router_kind}
             for name, layer in model.moe_layers()]
 

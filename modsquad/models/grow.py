@@ -4,9 +4,10 @@
     frozen = freeze(grown, "experts", ["reshading"])     # then frozen.attach(optimizer)
 
 `add_tasks` is model surgery: the new model has the old tasks first, in their old order, then the new ones.
-Every old tensor is copied bit for bit; tensors indexed by task along dim 0 (the model's task embedding, per-task
-router gates, a task-conditioned router's task embedding, task-level router logits, usage counters) get one new
-row per new task; every new task gets a fresh head. Nothing an old task computes changes, because each
+Every old tensor is copied bit for bit; tensors indexed by task along dim 0 (the model's task embedding, what each
+MoE layer declares in `task_parameters()` - per-task router gates, a task-conditioned router's task embedding,
+task-level router logits - and usage counters) get one new row per new task: each router grows itself
+(`Router.grow`); every new task gets a fresh head. Nothing an old task computes changes, because each
 (sample copy, task) runs through the encoder on its own: routing is per token, attention stays within a
 sample copy, and old tasks read only their own rows.
 
@@ -33,7 +34,6 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..moe import PerTaskRouter, TaskConditionedRouter, TaskLevelRouter
 from ..tasks import get_task
 from .registry import build_model_from_config
 from .vit import MultiTaskViT
@@ -43,22 +43,13 @@ FREEZE_MODES = ("none", "experts", "backbone")
 
 def task_indexed_parameters(model: MultiTaskViT) -> dict[str, nn.Parameter]:
     """{name: parameter} of the parameters with one row per task along dim 0: the model's `task_embed`
-    [T, D], per-task router `weight` / `noise_weight` [T, E, D], task-conditioned router `task_embed`
-    [T, task_dim], task-level router `task_logits` [T, E]. These hold everything a router knows about a task."""
+    [T, D] and what every MoE layer declares (`MoELayer.task_parameters()`, e.g. per-task router gates
+    [T, E, D], task-level router logits [T, E]). These hold everything a router knows about a task."""
     params: dict[str, nn.Parameter] = {}
     if model.task_embed is not None:
         params["task_embed"] = model.task_embed
     for name, layer in model.moe_layers():
-        router = layer.router
-        if isinstance(router, PerTaskRouter):
-            own = {"weight": router.weight, "noise_weight": router.noise_weight}
-        elif isinstance(router, TaskConditionedRouter):
-            own = {"task_embed": router.task_embed}
-        elif isinstance(router, TaskLevelRouter):
-            own = {"task_logits": router.task_logits}
-        else:  # SharedRouter: nothing per task
-            own = {}
-        params.update({f"{name}.router.{k}": p for k, p in own.items() if p is not None})
+        params.update({f"{name}.{k}": p for k, p in layer.task_parameters().items()})
     return params
 
 
@@ -101,9 +92,15 @@ def add_tasks(model: MultiTaskViT, new_tasks: Sequence[str], router_init_from: s
     if grown.pos_embed.dtype != ref.dtype:
         grown.to(dtype=ref.dtype)
 
+    routers = set()
+    for (name, old_layer), (_, new_layer) in zip(model.moe_layers(), grown.moe_layers(), strict=True):
+        new_layer.router = old_layer.router.grow(len(new_tasks), init_from=src)  # old rows copied bit for bit
+        routers.add(f"{name}.router.")
     old_state, new_state = model.state_dict(), grown.state_dict()  # share storage with the modules
     indexed = set(task_indexed_parameters(grown))
     for name, old in old_state.items():
+        if name.startswith(tuple(routers)):
+            continue
         new = new_state[name]
         if new.shape == old.shape:
             new.copy_(old)

@@ -7,6 +7,7 @@ are then copied into the multi-task model:
 
 - patch embedding, position embedding (patch tokens, and the class token's when both have one), class token,
   block norms, final norm, dense attention and dense MLP layers: copied as they are;
+- MoE layers initialise themselves from the dense layer they replace (`MoELayer.upcycle`):
 - MoE MLP: expert e takes the hidden units `[e*h, (e+1)*h)` (mod the dense hidden size H) of the dense
   fc1/fc2, fc2 scaled by H / h. With the default expert hidden H / top_k and zero-initialised routers (all
   tokens pick experts 0..k-1 with weight 1/k), the upcycled MoE MLP computes exactly the dense MLP;
@@ -30,7 +31,7 @@ from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_
 from torch import nn
 
 from ..errors import CheckpointError
-from ..moe import MoEAttention, MoEMlp
+from ..moe import MoELayer
 
 
 def _num_prefix_tokens(state: dict[str, torch.Tensor]) -> int:
@@ -90,45 +91,6 @@ def _copy(dst: torch.Tensor, src: torch.Tensor, what: str) -> None:
     dst.copy_(src)
 
 
-def _wrapped(start: int, size: int, total: int) -> torch.Tensor:
-    """Indices [start, start + size) modulo total."""
-    return (start + torch.arange(size)) % total
-
-
-@torch.no_grad()
-def upcycle_mlp(moe: MoEMlp, fc1: nn.Linear, fc2: nn.Linear) -> None:
-    """Expert e <- hidden units [e*h, (e+1)*h) mod H of a dense MLP; fc2 scaled by H / h (see module doc)."""
-    hidden, h = fc1.out_features, moe.expert_hidden
-    for e in range(moe.num_experts):
-        idx = _wrapped(e * h, h, hidden)
-        moe.fc1.weight[e].copy_(fc1.weight[idx].t())
-        moe.fc2.weight[e].copy_(fc2.weight[:, idx].t() * (hidden / h))
-        if moe.fc1.bias is not None and fc1.bias is not None:
-            moe.fc1.bias[e].copy_(fc1.bias[idx])
-        if moe.fc2.bias is not None and fc2.bias is not None:
-            moe.fc2.bias[e].copy_(fc2.bias)
-
-
-@torch.no_grad()
-def upcycle_attention(moe: MoEAttention, qkv: nn.Linear, proj: nn.Linear) -> None:
-    """Expert e <- dense query units / output columns [e*hd, (e+1)*hd) mod dim; K/V of the first group."""
-    dim, hd = moe.dim, moe.head_dim
-    q_w, k_w, v_w = qkv.weight.chunk(3, dim=0)  # [dim, dim] each, rows = output units (head-major)
-    q_b, k_b, v_b = qkv.bias.chunk(3) if qkv.bias is not None else (None, None, None)
-    for e in range(moe.num_experts):
-        idx = _wrapped(e * hd, hd, dim)
-        moe.q_weight[e].copy_(q_w[idx].t())
-        moe.o_weight[e].copy_(proj.weight[:, idx].t() * (dim / hd))
-        if moe.q_bias is not None and q_b is not None:
-            moe.q_bias[e].copy_(q_b[idx])
-    first = _wrapped(0, hd, dim)
-    moe.kv.weight.copy_(torch.cat([k_w[first], v_w[first]]))
-    if moe.kv.bias is not None and k_b is not None:
-        moe.kv.bias.copy_(torch.cat([k_b[first], v_b[first]]))
-    if proj.bias is not None and moe.o_bias is not None:  # the official MoA layout has no output bias
-        moe.o_bias.copy_(proj.bias)
-
-
 @torch.no_grad()
 def _fold_layer_scale(dense: VisionTransformer) -> None:
     """Multiply LayerScale gammas into attn.proj / mlp.fc2 (MultiTaskViT blocks have no LayerScale)."""
@@ -170,12 +132,9 @@ def upcycle_from_timm(model: nn.Module, path: str | Path) -> dict[str, int]:
         blk.norm1.load_state_dict(src.norm1.state_dict())
         blk.norm2.load_state_dict(src.norm2.state_dict())
         for name, mine, theirs in (("attn", blk.attn, src.attn), ("mlp", blk.mlp, src.mlp)):
-            if isinstance(mine, MoEMlp):
-                upcycle_mlp(mine, theirs.fc1, theirs.fc2)
-                counts["moe_mlp"] += 1
-            elif isinstance(mine, MoEAttention):
-                upcycle_attention(mine, theirs.qkv, theirs.proj)
-                counts["moe_attn"] += 1
+            if isinstance(mine, MoELayer):
+                mine.upcycle(theirs)
+                counts[f"moe_{mine.kind}"] = counts.get(f"moe_{mine.kind}", 0) + 1
             else:
                 try:
                     mine.load_state_dict(theirs.state_dict())

@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import ConfigError, UnknownNameError
-from ..moe import GATE_VALUES, MOA_BIAS, MoEAttention, MoEMlp, moe_aux_losses
+from ..moe import GATE_VALUES, MOA_BIAS, MoEAttention, MoELayer, MoEMlp, moe_aux_losses, router_names
 from ..moe import ROUTERS as MOE_ROUTERS
 from ..moe.losses import MI_REDUCE, TASK_PRIORS
 from ..tasks import get_task
@@ -239,8 +239,8 @@ class MultiTaskViT(nn.Module):
             raise ConfigError("tasks is empty: give at least one task name")
         if len(set(tasks)) != len(tasks):
             raise ConfigError(f"tasks has duplicates: {tasks}")
-        if router not in ROUTERS:
-            raise ConfigError(f"router must be one of {ROUTERS}, got {router!r}")
+        if router != "dense" and router not in router_names():  # registered routers count too
+            raise ConfigError(f"router must be one of {('dense', *router_names())}, got {router!r}")
         if moe_layout not in MOE_LAYOUTS:
             raise ConfigError(f"moe_layout must be one of {MOE_LAYOUTS}, got {moe_layout!r}")
         if head not in HEAD_TYPES:
@@ -387,7 +387,7 @@ class MultiTaskViT(nn.Module):
 
     def moe_layers(self) -> list[tuple[str, nn.Module]]:
         """[(name, layer)] of every MoE layer in block order, e.g. ("blocks.0.attn", MoEAttention)."""
-        return [(n, m) for n, m in self.named_modules() if isinstance(m, (MoEAttention, MoEMlp))]
+        return [(n, m) for n, m in self.named_modules() if isinstance(m, MoELayer)]
 
     def aux_losses(self) -> dict[str, torch.Tensor]:
         """Unweighted auxiliary MoE losses of the last forward (name -> scalar); {} for a dense model."""

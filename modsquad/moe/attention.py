@@ -7,9 +7,41 @@ import torch.nn.functional as F
 from torch import nn
 
 from .dispatch import combine, gather_tokens, grouped_matmul, plan_dispatch, sort_rows, unsort_rows
-from .routers import MoELayer, token_task_ids
+from .layer import MoELayer
+from .routers import token_task_ids
 
 MOA_BIAS = ("official", "qo_bias")
+
+
+class FoldedMoEAttention(nn.Module):
+    """MoE attention with fixed experts and weights: multi-query attention, k heads sharing keys/values.
+
+    q: Linear(dim, k * head_dim) holds the k experts' query projections; kv: the layer's shared Linear(dim,
+    2 * head_dim); proj: Linear(k * head_dim, dim) holds the experts' output projections, each scaled by its gate
+    weight, and the layer's output bias. x: [B, N, D] -> [B, N, D]; the task ids are ignored. Biases follow the
+    layer's (`moa_bias`): the official layout has only a kv bias, "qo_bias" has all three.
+    """
+
+    def __init__(self, dim: int, head_dim: int, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0.,
+                 proj_drop: float = 0., kv_bias: bool | None = None, proj_bias: bool = True):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.q = nn.Linear(dim, num_heads * head_dim, bias=qkv_bias)
+        self.kv = nn.Linear(dim, 2 * head_dim, bias=qkv_bias if kv_bias is None else kv_bias)
+        self.attn_drop = attn_drop
+        self.proj = nn.Linear(num_heads * head_dim, dim, bias=proj_bias)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor, task_ids: torch.Tensor | None = None) -> torch.Tensor:
+        B, N, _ = x.shape
+        k, hd = self.num_heads, self.head_dim
+        q = self.q(x).view(B, N, k, hd).transpose(1, 2)  # [B, k, N, hd]
+        key, value = self.kv(x).view(B, 1, N, 2, hd).unbind(3)  # [B, 1, N, hd]
+        # expanded views of the one key/value head rather than enable_gqa, which the ONNX exporter lacks
+        o = F.scaled_dot_product_attention(q, key.expand(-1, k, -1, -1), value.expand(-1, k, -1, -1),
+                                           dropout_p=self.attn_drop if self.training else 0.)
+        return self.proj_drop(self.proj(o.transpose(1, 2).reshape(B, N, k * hd)))
 
 
 class MoEAttention(MoELayer):
@@ -25,6 +57,8 @@ class MoEAttention(MoELayer):
     no output bias); "qo_bias" adds a per-expert `q_bias` and a shared `o_bias: [dim]`, and `qkv_bias` decides
     the q and kv biases.
     """
+
+    kind = "attn"
 
     def __init__(self, dim: int, head_dim: int, num_experts: int, top_k: int, num_tasks: int,
                  router: str = "per_task", qkv_bias: bool = True, attn_drop: float = 0., proj_drop: float = 0.,
@@ -98,3 +132,46 @@ class MoEAttention(MoELayer):
         if self.o_bias is not None:
             out = out + self.o_bias.to(out.dtype)
         return self.proj_drop(out).view(B, N, D)
+
+    def expert_parameters(self) -> dict[str, torch.Tensor]:
+        own = {"q_weight": self.q_weight, "q_bias": self.q_bias, "o_weight": self.o_weight}
+        return {name: p for name, p in own.items() if p is not None}
+
+    @torch.no_grad()
+    def fold_experts(self, indices: torch.Tensor, weights: torch.Tensor) -> FoldedMoEAttention:
+        """A `FoldedMoEAttention` with the k experts as its heads, output projections scaled by their weights."""
+        k, hd, d = len(indices), self.head_dim, self.dim
+        folded = FoldedMoEAttention(d, hd, k, qkv_bias=self.q_bias is not None, attn_drop=self.attn_drop,
+                                    proj_drop=self.proj_drop.p, kv_bias=self.kv.bias is not None,
+                                    proj_bias=self.o_bias is not None).to(self.q_weight.device)
+        folded.to(self.q_weight.dtype)
+        w = weights.to(self.o_weight.dtype)
+        folded.q.weight.copy_(self.q_weight[indices].transpose(1, 2).reshape(k * hd, d))
+        if self.q_bias is not None:
+            folded.q.bias.copy_(self.q_bias[indices].reshape(k * hd))
+        folded.kv.load_state_dict(self.kv.state_dict())
+        folded.proj.weight.copy_((self.o_weight[indices] * w[:, None, None]).reshape(k * hd, d).t())
+        if self.o_bias is not None:
+            folded.proj.bias.copy_(self.o_bias)
+        return folded
+
+    @torch.no_grad()
+    def upcycle(self, dense: nn.Module) -> None:
+        """Expert e <- query units / output columns [e*hd, (e+1)*hd) (mod dim) of a dense timm `Attention`
+        (`qkv`, `proj`), output scaled by dim / hd; the shared key/value projection takes the first group's."""
+        qkv, proj = dense.qkv, dense.proj
+        dim, hd = self.dim, self.head_dim
+        q_w, k_w, v_w = qkv.weight.chunk(3, dim=0)  # [dim, dim] each, rows = output units (head-major)
+        q_b, k_b, v_b = qkv.bias.chunk(3) if qkv.bias is not None else (None, None, None)
+        for e in range(self.num_experts):
+            idx = (e * hd + torch.arange(hd)) % dim
+            self.q_weight[e].copy_(q_w[idx].t())
+            self.o_weight[e].copy_(proj.weight[:, idx].t() * (dim / hd))
+            if self.q_bias is not None and q_b is not None:
+                self.q_bias[e].copy_(q_b[idx])
+        first = torch.arange(hd) % dim
+        self.kv.weight.copy_(torch.cat([k_w[first], v_w[first]]))
+        if self.kv.bias is not None and k_b is not None:
+            self.kv.bias.copy_(torch.cat([k_b[first], v_b[first]]))
+        if proj.bias is not None and self.o_bias is not None:  # the official MoA layout has no output bias
+            self.o_bias.copy_(proj.bias)

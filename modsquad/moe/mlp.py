@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import torch
+from timm.layers import Mlp
 from torch import nn
 
 from .dispatch import combine, gather_tokens, plan_dispatch
 from .experts import GroupedLinear
-from .routers import MoELayer, token_task_ids
+from .layer import MoELayer
+from .routers import token_task_ids
+
+
+class FoldedMoEMlp(Mlp):
+    """timm `Mlp` with the MoE call signature (the task ids are ignored): the dense fold of an MoE MLP with
+    fixed routing (`MoEMlp.fold`). Its weights have timm's names (fc1, fc2), as a dense MLP block's."""
+
+    def forward(self, x: torch.Tensor, task_ids: torch.Tensor | None = None) -> torch.Tensor:
+        return super().forward(x)
 
 
 class MoEMlp(MoELayer):
@@ -18,6 +28,8 @@ class MoEMlp(MoELayer):
     out[t] = sum_i weights[t, i] * expert_{indices[t, i]}(x[t]), weights as the router's `gate_values`.
     Expert weights: `fc1.weight [E, dim, expert_hidden]`, `fc2.weight [E, expert_hidden, dim]` (+ biases).
     """
+
+    kind = "mlp"
 
     def __init__(self, dim: int, hidden_dim: int, num_experts: int, top_k: int, num_tasks: int,
                  router: str = "per_task", expert_hidden: int | None = None, act_layer: type[nn.Module] = nn.GELU,
@@ -55,3 +67,38 @@ class MoEMlp(MoELayer):
         h = self.drop1(self.act(h))
         y = torch.matmul(h, self.fc2.weight) + self.fc2.bias.unsqueeze(1)  # [E, T, D]
         return self.drop2((gates.t().unsqueeze(-1) * y).sum(0)).view(shape)
+
+    def expert_parameters(self) -> dict[str, torch.Tensor]:
+        own = {"fc1.weight": self.fc1.weight, "fc1.bias": self.fc1.bias,
+               "fc2.weight": self.fc2.weight, "fc2.bias": self.fc2.bias}
+        return {name: p for name, p in own.items() if p is not None}
+
+    @torch.no_grad()
+    def fold_experts(self, indices: torch.Tensor, weights: torch.Tensor) -> FoldedMoEMlp:
+        """A dense MLP of hidden k * expert_hidden: the k experts' hidden units side by side, each expert's
+        output rows scaled by its weight (indices, weights: [k])."""
+        k, h, d = len(indices), self.expert_hidden, self.dim
+        dense = FoldedMoEMlp(d, k * h, act_layer=type(self.act), drop=self.drop1.p).to(self.fc1.weight.device)
+        dense.to(self.fc1.weight.dtype)
+        w = weights.to(self.fc2.weight.dtype)
+        dense.fc1.weight.copy_(self.fc1.weight[indices].transpose(1, 2).reshape(k * h, d))  # [k, D, h] -> [k*h, D]
+        dense.fc1.bias.copy_(self.fc1.bias[indices].reshape(k * h))
+        dense.fc2.weight.copy_((self.fc2.weight[indices] * w[:, None, None]).reshape(k * h, d).t())
+        dense.fc2.bias.copy_((self.fc2.bias[indices] * w[:, None]).sum(0))
+        return dense
+
+    @torch.no_grad()
+    def upcycle(self, dense: nn.Module) -> None:
+        """Expert e <- hidden units [e*h, (e+1)*h) (mod H) of a dense timm `Mlp` (`fc1`, `fc2`), fc2 scaled by
+        H / h: with expert hidden H / top_k and uniform routing (weights 1/k over experts 0..k-1) the layer
+        computes exactly the dense MLP."""
+        fc1, fc2 = dense.fc1, dense.fc2
+        hidden, h = fc1.out_features, self.expert_hidden
+        for e in range(self.num_experts):
+            idx = (e * h + torch.arange(h)) % hidden
+            self.fc1.weight[e].copy_(fc1.weight[idx].t())
+            self.fc2.weight[e].copy_(fc2.weight[:, idx].t() * (hidden / h))
+            if self.fc1.bias is not None and fc1.bias is not None:
+                self.fc1.bias[e].copy_(fc1.bias[idx])
+            if self.fc2.bias is not None and fc2.bias is not None:
+                self.fc2.bias[e].copy_(fc2.bias)

@@ -18,12 +18,14 @@ with "topk_probs" gates): the softmax then runs over all `num_gate_rows` rows, s
 kept experts are unchanged, and the choice is made among the kept experts only; `probs`, `logits` and `indices`
 are then over the kept experts (columns `kept_experts` of the full ones).
 
-Kinds (`ROUTERS`, built by name with `build_router`):
+Kinds (built-in `ROUTERS`; `@register_router("name")` adds one, `build_router(name, ...)` builds any):
     per_task          one linear gate per task on the token (Mod-Squad; M3ViT's multi-gate)
     task_conditioned  one shared gate on concat(token, learned task embedding) (task-aware gating, Gupta et al.)
     task_level        one decision per (task, layer) from learned task logits; every token of a task uses the
                       same experts (task-level MoE, Ye et al.)
     shared            one gate for all tasks (the plain MoE baseline)
+A router describes itself (`Router`: task-indexed parameters, gate rows, slicing, growing, fixed routing), so a
+new router is one class in one file; see docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -35,9 +37,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UnknownNameError
-from .usage import count_selections
+from .rebuild import Rebuildable
 
-ROUTERS = ("per_task", "task_conditioned", "task_level", "shared")
 TASK_LEVEL_MODES = ("softmax", "gumbel", "gumbel_st")
 GATE_VALUES = ("topk_probs", "renormalized")
 PROB_EPS = 1e-4  # added to the softmax by the official code before top-k when gate values are raw probs
@@ -107,12 +108,26 @@ def route_top_k(logits: torch.Tensor, top_k: int, gate_values: str = "renormaliz
     return RouterOutput(probs, indices, weights, logits)
 
 
-class Router(nn.Module):
+class Router(Rebuildable):
     """Base class: subclasses compute gate logits [T, num_gate_rows]; routing from logits is `route_top_k`.
 
     `num_experts` is the number of experts the router chooses from (the layer's experts); `num_gate_rows` is
     the number of gate rows (= num_experts, unless `kept_experts` keeps the rows of dropped experts too).
+
+    A router describes itself, so that growing, extracting and counting need no per-class code:
+        task_parameters()   {name: tensor} with one row per task along dim 0 (all the router knows of a task)
+        gate_row_dims()     {name: dim} of the tensors with one entry per gate row (expert) along `dim`
+        slice(task, experts)   a one-task router over a subset of the experts (extraction)
+        grow(n_new, init_from) a router for more tasks (adding tasks to a trained model)
+        fixed_routing       True when every token of a task gets the same experts and weights in eval, so that
+                            the layer folds to a dense one (`fixed_choice(task)` gives them)
+        label(router_kwargs)   a short name for tables, e.g. "task_level/gumbel_st"
+    The defaults of `slice` and `grow` work from the first two declarations; subclasses override them only for
+    state that is neither per task nor per gate row yet still changes shape.
     """
+
+    kind: str = ""  # the registry name, set by `register_router`
+    fixed_routing: bool = False
 
     def __init__(self, num_experts: int, top_k: int, num_tasks: int, gate_values: str = "renormalized",
                  kept_experts: list[int] | None = None):
@@ -153,6 +168,132 @@ class Router(nn.Module):
         return (f"num_experts={self.num_experts}, top_k={self.top_k}, num_tasks={self.num_tasks}, "
                 f"gate_values={self.gate_values}{rows}")
 
+    # --- self-description -------------------------------------------------------------------------------
+
+    def task_parameters(self) -> dict[str, torch.Tensor]:
+        """{name (relative to the router): tensor [num_tasks, ...]} of everything indexed by task on dim 0."""
+        return {}
+
+    def gate_row_dims(self) -> dict[str, int]:
+        """{name: dim} of the tensors that hold one entry per gate row (expert) along `dim`."""
+        return {}
+
+    @classmethod
+    def label(cls, router_kwargs: dict | None = None) -> str:
+        """Short name of this router with `router_kwargs` for tables and plots (the registry name by default)."""
+        return cls.kind
+
+    def gate_rows_of(self, experts) -> torch.Tensor:
+        """Gate rows (long [n], on CPU) of expert ids of this router (sorted distinct, in [0, num_experts))."""
+        ids = torch.as_tensor([int(e) for e in experts], dtype=torch.long)
+        if ids.numel() == 0 or ids.unique().numel() != ids.numel() or not torch.equal(ids, ids.sort().values) \
+                or ids[0] < 0 or ids[-1] >= self.num_experts:
+            raise ValueError(f"experts must be sorted distinct ids in [0, {self.num_experts}), got {ids.tolist()}")
+        return self.kept_experts.cpu()[ids] if self.kept_experts is not None else ids
+
+    def slice(self, task: int, experts) -> Router:
+        """A one-task router that routes like task `task` of this one among `experts` (sorted expert ids).
+
+        "renormalized" gates keep only those experts' gate rows. "topk_probs" gates are softmax probabilities
+        over every gate row, so the new router keeps all of the task's gate rows (they are tiny) and chooses
+        among `experts` only (`kept_experts`): a token whose chosen experts are all kept gets the same experts
+        with the same weights.
+        """
+        rows = self.gate_rows_of(experts)
+        kept = None
+        if self.gate_values == "topk_probs":
+            kept = None if rows.tolist() == list(range(self.num_gate_rows)) else rows.tolist()
+            rows = torch.arange(self.num_gate_rows)
+        new = self.rebuilt(num_tasks=1, num_experts=len(rows), kept_experts=kept)
+        new.load_state_dict(self.sliced_state(task, rows))
+        return new
+
+    def sliced_state(self, task: int, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        """This router's state_dict cut to task `task` (`task_parameters`) and gate rows `rows` (`gate_row_dims`)."""
+        by_task, dims = set(self.task_parameters()), self.gate_row_dims()
+        state = {}
+        for name, value in self.state_dict().items():
+            if name in by_task:
+                value = value[task:task + 1]
+            if name in dims:
+                value = value.index_select(dims[name], rows.to(value.device))
+            state[name] = value.detach().clone()
+        return state
+
+    @torch.no_grad()
+    def grow(self, n_new: int, init_from: int | None = None) -> Router:
+        """A router for `num_tasks + n_new` tasks: every tensor copied; the task-indexed ones get `n_new` rows
+        initialised as a new router's, or as copies of task `init_from`'s row (the new tasks then route
+        exactly as that task)."""
+        if n_new < 1:
+            raise ValueError(f"n_new must be >= 1, got {n_new}")
+        n_old = self.num_tasks
+        new = self.rebuilt(num_tasks=n_old + n_new)
+        by_task, new_state = set(self.task_parameters()), new.state_dict()
+        for name, old in self.state_dict().items():
+            dst = new_state[name]
+            if name in by_task:
+                dst[:n_old].copy_(old)
+                if init_from is not None:
+                    dst[n_old:].copy_(old[init_from].expand_as(dst[n_old:]))
+            elif dst.shape == old.shape:
+                dst.copy_(old)
+            else:
+                raise RuntimeError(f"{type(self).__name__}.{name} changes shape with the number of tasks "
+                                   f"({tuple(old.shape)} -> {tuple(dst.shape)}) but is not in task_parameters()")
+        return new
+
+    @torch.no_grad()
+    def fixed_choice(self, task: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(expert ids [k], weights [k]) that every token of task `task` gets in eval (`fixed_routing` only)."""
+        if not self.fixed_routing:
+            raise ValueError(f"{type(self).__name__} routes per token: it has no fixed routing per task")
+        ref = next(iter(self.parameters()))
+        was_training = self.training
+        self.eval()
+        try:  # the router does not look at the token, only at its dtype and device
+            route = self(ref.new_zeros(1, self.init_args().get("dim", 1)), torch.tensor([task], device=ref.device))
+        finally:
+            self.train(was_training)
+        return route.indices[0], route.weights[0]
+
+
+_REGISTRY: dict[str, type[Router]] = {}
+
+
+def register_router(name: str):
+    """Class decorator: make a `Router` subclass buildable by name (`build_router`, model option `router=`).
+
+    The class takes `(dim, num_experts, top_k, num_tasks, **options)` and passes `gate_values` and
+    `kept_experts` on to `Router.__init__`; it declares its `task_parameters()` and `gate_row_dims()`.
+    """
+    if not isinstance(name, str) or not name.isidentifier() or name == "dense":
+        raise ValueError(f"a router name must be an identifier other than 'dense', got {name!r}")
+
+    def register(cls: type[Router]) -> type[Router]:
+        if not (isinstance(cls, type) and issubclass(cls, Router)):
+            raise TypeError(f"@register_router({name!r}) decorates Router subclasses, not {cls!r}")
+        known = _REGISTRY.get(name)
+        if known is not None and (known.__module__, known.__qualname__) != (cls.__module__, cls.__qualname__):
+            raise ValueError(f"router {name!r} is already registered by {known.__module__}.{known.__qualname__}")
+        cls.kind = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return register
+
+
+def router_names() -> tuple[str, ...]:
+    """Names of every registered router (the built-in `ROUTERS` and any registered since)."""
+    return tuple(_REGISTRY)
+
+
+def router_class(name: str) -> type[Router]:
+    """The router class registered as `name`; UnknownNameError otherwise."""
+    if name not in _REGISTRY:
+        raise UnknownNameError(f"unknown router {name!r}; choose one of {router_names()}")
+    return _REGISTRY[name]
+
 
 def _init_gate(weight: torch.Tensor, init_std: float) -> None:
     """Zeros (uniform start) for init_std == 0, else trunc_normal_(std=init_std) as timm's Linear init."""
@@ -165,6 +306,7 @@ def _init_gate(weight: torch.Tensor, init_std: float) -> None:
             weight.zero_()
 
 
+@register_router("per_task")
 class PerTaskRouter(Router):
     """One bias-free linear gate per task (Mod-Squad / M3ViT multi-gate): logits = x @ weight[task].T.
 
@@ -181,6 +323,17 @@ class PerTaskRouter(Router):
         self.weight = nn.Parameter(torch.zeros(num_tasks, self.num_gate_rows, dim))
         self.noise_weight = nn.Parameter(torch.zeros(num_tasks, self.num_gate_rows, dim)) if noisy else None
         _init_gate(self.weight, init_std)
+
+    def task_parameters(self) -> dict[str, torch.Tensor]:
+        own = {"weight": self.weight, "noise_weight": self.noise_weight}
+        return {name: p for name, p in own.items() if p is not None}
+
+    def gate_row_dims(self) -> dict[str, int]:
+        return {name: 1 for name in self.task_parameters()}  # [num_tasks, E, D]
+
+    @classmethod
+    def label(cls, router_kwargs: dict | None = None) -> str:
+        return cls.kind + ("/noisy" if (router_kwargs or {}).get("noisy") else "")
 
     @staticmethod
     def _per_task_linear(x: torch.Tensor, weight: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
@@ -199,6 +352,7 @@ class PerTaskRouter(Router):
         return logits
 
 
+@register_router("task_conditioned")
 class TaskConditionedRouter(Router):
     """One shared gate `Linear(dim + task_dim, E)` over concat(token, task embedding) (Gupta et al.).
 
@@ -217,12 +371,19 @@ class TaskConditionedRouter(Router):
         _init_gate(self.gate.weight, init_std)
         nn.init.zeros_(self.gate.bias)
 
+    def task_parameters(self) -> dict[str, torch.Tensor]:
+        return {"task_embed": self.task_embed}
+
+    def gate_row_dims(self) -> dict[str, int]:
+        return {"gate.weight": 0, "gate.bias": 0}
+
     def gate_logits(self, x: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
         w_token, w_task = self.gate.weight.split([self.dim, self.task_dim], dim=1)
         task_logits = F.linear(self.task_embed, w_task, self.gate.bias)  # [num_tasks, E]
         return x @ w_token.t() + task_logits[task_ids]
 
 
+@register_router("task_level")
 class TaskLevelRouter(Router):
     """One routing decision per (task, layer) from learned task logits `task_logits: [num_tasks, E]` (Ye et al.).
 
@@ -237,7 +398,10 @@ class TaskLevelRouter(Router):
                    probabilities of the chosen experts, so every expert's logit learns (also for k = 1).
     `task_logits` start as small random values (std `init_std`): near-uniform probabilities, but tasks do not
     all tie on the same first k experts, which a task-level decision without noise could never leave.
+    In eval the routing is fixed per task (`fixed_routing`), so an extracted task's layers fold to dense ones.
     """
+
+    fixed_routing = True
 
     def __init__(self, dim: int, num_experts: int, top_k: int, num_tasks: int, mode: str = "softmax",
                  tau: float = 1.0, init_std: float = 0.02, **routing):
@@ -249,6 +413,16 @@ class TaskLevelRouter(Router):
         self.mode = mode
         self.tau = tau
         self.task_logits = nn.Parameter(torch.randn(num_tasks, self.num_gate_rows) * init_std)
+
+    def task_parameters(self) -> dict[str, torch.Tensor]:
+        return {"task_logits": self.task_logits}
+
+    def gate_row_dims(self) -> dict[str, int]:
+        return {"task_logits": 1}
+
+    @classmethod
+    def label(cls, router_kwargs: dict | None = None) -> str:
+        return f"{cls.kind}/{(router_kwargs or {}).get('mode') or 'softmax'}"
 
     def forward(self, x: torch.Tensor, task_ids: torch.Tensor) -> RouterOutput:
         """x: [T, D] (only its dtype/device matter), task_ids: [T] -> RouterOutput, identical within a task."""
@@ -266,6 +440,7 @@ class TaskLevelRouter(Router):
         return RouterOutput(*(t[task_ids] for t in route))
 
 
+@register_router("shared")
 class SharedRouter(Router):
     """One bias-free linear gate for every task (plain MoE baseline), zero-initialised (uniform start) unless
     `init_std > 0` (trunc_normal)."""
@@ -276,84 +451,18 @@ class SharedRouter(Router):
         self.gate = nn.Linear(dim, self.num_gate_rows, bias=False)
         _init_gate(self.gate.weight, init_std)
 
+    def gate_row_dims(self) -> dict[str, int]:
+        return {"gate.weight": 0}
+
     def gate_logits(self, x: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
         return self.gate(x)
 
 
-_ROUTER_CLASSES: dict[str, type[Router]] = {
-    "per_task": PerTaskRouter,
-    "task_conditioned": TaskConditionedRouter,
-    "task_level": TaskLevelRouter,
-    "shared": SharedRouter,
-}
+#: the built-in routers; `router_names()` also lists those registered since
+ROUTERS = ("per_task", "task_conditioned", "task_level", "shared")
 
 
 def build_router(kind: str, dim: int, num_experts: int, top_k: int, num_tasks: int, **kwargs) -> Router:
-    """Router by name (`ROUTERS`); kwargs go to its constructor (e.g. `noisy=True`, `mode="gumbel_st"`)."""
-    if kind not in _ROUTER_CLASSES:
-        raise UnknownNameError(f"unknown router {kind!r}; choose one of {ROUTERS}")
-    return _ROUTER_CLASSES[kind](dim, num_experts, top_k, num_tasks, **kwargs)
-
-
-class MoELayer(nn.Module):
-    """Base of the MoE layers: owns the router, keeps the last routing for aux losses and counts usage.
-
-    Subclasses implement `forward` (sorted dispatch, grouped matmuls) and `forward_all_experts` (every expert
-    on every token, weighted by the dense gates: E / k times the compute, but static shapes, so that it can be
-    traced and exported; `forward` switches to it while `is_exporting()` and when E == k).
-    `last_routing` is `(RouterOutput, token task ids [T])` of the last forward (None before the first).
-    `usage` is an int64 buffer [num_tasks, E] of top-k selections per task, summed over every forward (train
-    and eval) while `track_usage` is True; it is saved in the state_dict and cleared by `reset_usage()`.
-    int64 so that `model.to(dtype)` never rounds the counts.
-    `gate_values` and `kept_experts` go to the router (module docstring): with `kept_experts`, `num_experts` is
-    the number of gate rows and the layer holds `len(kept_experts)` experts.
-    """
-
-    def __init__(self, dim: int, num_experts: int, top_k: int, num_tasks: int, router: str = "per_task",
-                 router_kwargs: dict | None = None, gate_values: str = "renormalized",
-                 kept_experts: list[int] | None = None):
-        super().__init__()
-        self.router_kind = router
-        self.router = build_router(router, dim, num_experts, top_k, num_tasks, gate_values=gate_values,
-                                   kept_experts=kept_experts, **(router_kwargs or {}))
-        self.register_buffer("usage", torch.zeros(num_tasks, self.router.num_experts, dtype=torch.long))
-        self.track_usage = True
-        self.last_routing: tuple[RouterOutput, torch.Tensor] | None = None
-
-    @property
-    def num_experts(self) -> int:
-        return self.router.num_experts
-
-    @property
-    def top_k(self) -> int:
-        return self.router.top_k
-
-    @property
-    def num_tasks(self) -> int:
-        return self.router.num_tasks
-
-    def route(self, x: torch.Tensor, task_ids: torch.Tensor) -> RouterOutput:
-        """x: [T, D], task_ids: [T] -> RouterOutput; records it and counts the selections."""
-        routing = self.router(x, task_ids)
-        if is_exporting():
-            return routing
-        self.last_routing = (routing, task_ids)
-        if self.track_usage:
-            with torch.no_grad():
-                self.usage += count_selections(routing.indices, task_ids, self.num_tasks, self.num_experts)
-        return routing
-
-    def reset_usage(self) -> None:
-        self.usage.zero_()
-
-    def runs_all_experts(self) -> bool:
-        """Whether `forward` should take the static-shape path: while exporting, and whenever every token uses
-        every expert (E == k, as in per-task models extracted down to top-k experts), where sorting and
-        scattering would only add overhead to the same computation."""
-        return self.num_experts == self.top_k or is_exporting()
-
-    @staticmethod
-    def dense_gates(routing: RouterOutput, dtype: torch.dtype) -> torch.Tensor:
-        """[T, E] gate weight of every expert for every token (0 where not chosen), for `forward_all_experts`."""
-        gates = routing.probs.new_zeros(routing.probs.shape)
-        return gates.scatter(1, routing.indices, routing.weights.to(gates.dtype)).to(dtype)
+    """Router by registered name (`router_names()`); kwargs go to its constructor (e.g. `noisy=True`,
+    `mode="gumbel_st"`, `gate_values=...`)."""
+    return router_class(kind)(dim, num_experts, top_k, num_tasks, **kwargs)

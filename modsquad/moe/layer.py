@@ -1,0 +1,140 @@
+"""`MoELayer`: the base of every mixture-of-experts layer (MoE MLP, MoE attention, and any new kind).
+
+A layer owns its router, keeps the last routing for the aux losses, counts expert usage, and describes itself
+so that model surgery needs no per-class code:
+    kind                  "attn" | "mlp": which model config fields describe it (`<kind>_experts`, ...)
+    expert_parameters()   {name: tensor [E, ...]} stored expert-first: keeping experts is an index on dim 0
+    task_parameters()     {name: tensor [num_tasks, ...]} (the router's, prefixed "router.")
+    slice(task, experts)  a one-task layer with only `experts` (extraction)
+    fold()                a dense module equal (in eval) to a one-task layer whose routing is fixed
+    upcycle(dense)        copy the weights of the dense timm layer it replaces into the experts
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .rebuild import Rebuildable
+from .routers import RouterOutput, build_router, is_exporting
+from .usage import count_selections
+
+
+class MoELayer(Rebuildable):
+    """Base of the MoE layers: owns the router, keeps the last routing for aux losses and counts usage.
+
+    Subclasses implement `forward` (sorted dispatch, grouped matmuls) and `forward_all_experts` (every expert
+    on every token, weighted by the dense gates: E / k times the compute, but static shapes, so that it can be
+    traced and exported; `forward` switches to it while `is_exporting()` and when E == k), and declare
+    `kind`, `expert_parameters()`, `fold_experts()` and `upcycle()`. Their constructors take `num_experts`,
+    `num_tasks` and `kept_experts` by those names (`slice` rebuilds the layer with new ones).
+    `last_routing` is `(RouterOutput, token task ids [T])` of the last forward (None before the first).
+    `usage` is an int64 buffer [num_tasks, E] of top-k selections per task, summed over every forward (train
+    and eval) while `track_usage` is True; it is saved in the state_dict and cleared by `reset_usage()`.
+    int64 so that `model.to(dtype)` never rounds the counts.
+    `gate_values` and `kept_experts` go to the router (`modsquad.moe.routers`): with `kept_experts`,
+    `num_experts` is the number of gate rows and the layer holds `len(kept_experts)` experts.
+    """
+
+    kind: str = ""
+
+    def __init__(self, dim: int, num_experts: int, top_k: int, num_tasks: int, router: str = "per_task",
+                 router_kwargs: dict | None = None, gate_values: str = "renormalized",
+                 kept_experts: list[int] | None = None):
+        super().__init__()
+        self.router_kind = router
+        self.router = build_router(router, dim, num_experts, top_k, num_tasks, gate_values=gate_values,
+                                   kept_experts=kept_experts, **(router_kwargs or {}))
+        self.register_buffer("usage", torch.zeros(num_tasks, self.router.num_experts, dtype=torch.long))
+        self.track_usage = True
+        self.last_routing: tuple[RouterOutput, torch.Tensor] | None = None
+
+    @property
+    def num_experts(self) -> int:
+        return self.router.num_experts
+
+    @property
+    def top_k(self) -> int:
+        return self.router.top_k
+
+    @property
+    def num_tasks(self) -> int:
+        return self.router.num_tasks
+
+    def route(self, x: torch.Tensor, task_ids: torch.Tensor) -> RouterOutput:
+        """x: [T, D], task_ids: [T] -> RouterOutput; records it and counts the selections."""
+        routing = self.router(x, task_ids)
+        if is_exporting():
+            return routing
+        self.last_routing = (routing, task_ids)
+        if self.track_usage:
+            with torch.no_grad():
+                self.usage += count_selections(routing.indices, task_ids, self.num_tasks, self.num_experts)
+        return routing
+
+    def reset_usage(self) -> None:
+        self.usage.zero_()
+
+    def runs_all_experts(self) -> bool:
+        """Whether `forward` should take the static-shape path: while exporting, and whenever every token uses
+        every expert (E == k, as in per-task models extracted down to top-k experts), where sorting and
+        scattering would only add overhead to the same computation."""
+        return self.num_experts == self.top_k or is_exporting()
+
+    @staticmethod
+    def dense_gates(routing: RouterOutput, dtype: torch.dtype) -> torch.Tensor:
+        """[T, E] gate weight of every expert for every token (0 where not chosen), for `forward_all_experts`."""
+        gates = routing.probs.new_zeros(routing.probs.shape)
+        return gates.scatter(1, routing.indices, routing.weights.to(gates.dtype)).to(dtype)
+
+    # --- self-description -------------------------------------------------------------------------------
+
+    def expert_parameters(self) -> dict[str, torch.Tensor]:
+        """{name (relative to the layer): tensor [E, ...]} of the per-expert weights, expert on dim 0."""
+        raise NotImplementedError(f"{type(self).__name__} must declare its expert_parameters()")
+
+    def task_parameters(self) -> dict[str, torch.Tensor]:
+        """{name (relative to the layer): tensor [num_tasks, ...]}: the router's task-indexed parameters."""
+        return {f"router.{name}": p for name, p in self.router.task_parameters().items()}
+
+    def slice(self, task: int, experts: Sequence[int]) -> MoELayer:
+        """A one-task copy of this layer for task `task` with only `experts` (sorted expert ids).
+
+        Expert weights are indexed on dim 0, everything else (shared projections, biases) is kept whole; the
+        router is `router.slice(task, experts)` (which may keep more gate rows than experts, see there). The
+        usage counts start at zero.
+        """
+        router = self.router.slice(task, experts)
+        kept = None if router.kept_experts is None else router.kept_experts.tolist()
+        new = self.rebuilt(num_tasks=1, num_experts=router.num_gate_rows, kept_experts=kept)
+        idx = torch.as_tensor([int(e) for e in experts], dtype=torch.long, device=self.usage.device)
+        by_expert = set(self.expert_parameters())
+        state = {}
+        for name, value in self.state_dict().items():
+            if name.startswith("router.") or name == "usage":
+                continue
+            state[name] = value.index_select(0, idx) if name in by_expert else value
+        state.update({f"router.{k}": v for k, v in router.state_dict().items()})
+        state["usage"] = torch.zeros_like(new.usage)
+        new.load_state_dict(state, strict=True)
+        return new
+
+    def fold(self) -> nn.Module:
+        """A dense module equal (in eval) to this one-task layer, whose router has `fixed_routing`: every token
+        goes through the same k experts with the same weights. It takes `(x, task_ids=None)` like the layer."""
+        if not self.router.fixed_routing:
+            raise ValueError(f"{type(self.router).__name__} routes per token: only fixed routing folds")
+        if self.num_tasks != 1:
+            raise ValueError("fold the layers of an extracted (one-task) model")
+        indices, weights = self.router.fixed_choice(0)
+        return self.fold_experts(indices, weights).train(self.training)
+
+    def fold_experts(self, indices: torch.Tensor, weights: torch.Tensor) -> nn.Module:
+        """The dense module of `fold` given the fixed experts `indices` [k] and their gate `weights` [k]."""
+        raise NotImplementedError(f"{type(self).__name__} cannot fold")
+
+    def upcycle(self, dense: nn.Module) -> None:
+        """Initialise the experts in place from the dense timm layer this layer replaces (sparse upcycling)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be upcycled from a dense layer")
