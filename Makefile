@@ -26,7 +26,7 @@ test-fast: venv
 THREAD_TESTS := tests/moe tests/models tests/test_add_tasks.py
 test-threads: venv
 	MODSQUAD_TEST_THREADS=1 $(BIN)/python -m pytest -q $(THREAD_TESTS)
-	MODSQUAD_TEST_THREADS=2 $(BIN)/python -m pytest -q $(THREAD_TESTS) tests/engine
+	MODSQUAD_TEST_THREADS=2 $(BIN)/python -m pytest -q $(THREAD_TESTS) tests/train tests/evaluate
 
 demo: venv
 	$(BIN)/modsquad demo --out demo_out

@@ -1,6 +1,6 @@
 """modsquad: multi-task vision with mixture-of-experts Vision Transformers."""
 
-__version__ = "0.1.0"
+from .core.version import __version__
 
 
 def create_model(name: str, tasks, img_size: int = 224, **overrides):
@@ -14,8 +14,19 @@ def create_model(name: str, tasks, img_size: int = 224, **overrides):
     return _create_model(name, tasks, img_size=img_size, **overrides)
 
 
+def load_model(run, map_location="cpu"):
+    """Load a full multi-task model from a run directory (its best, else last checkpoint) or a .safetensors
+    checkpoint, in eval mode: `model = modsquad.load_model("runs/tiny"); preds = model(images)`."""
+    from .checkpoint import load_model as _load_model
+
+    return _load_model(run, map_location=map_location)
+
+
 def load_extracted(path, **kwargs):
     """Load a single-task model written by `modsquad extract` (a directory); returns an nn.Module."""
     from .extract.standalone import load_extracted as _load_extracted
 
     return _load_extracted(path, **kwargs)
+
+
+__all__ = ["__version__", "create_model", "load_extracted", "load_model"]

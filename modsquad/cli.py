@@ -11,6 +11,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.table import Table
 from typer.core import TyperGroup
 
 try:  # typer >= 0.2x carries its own copy of click; its usage errors are that copy's classes
@@ -18,8 +19,8 @@ try:  # typer >= 0.2x carries its own copy of click; its usage errors are that c
 except ImportError:  # pragma: no cover - typer on the public click
     from click.exceptions import NoArgsIsHelpError, UsageError
 
-from . import __version__
-from .errors import UserError
+from .core.errors import ConfigError, OutputPathError, UserError
+from .core.version import __version__
 
 console = Console()
 err_console = Console(stderr=True, soft_wrap=True)
@@ -82,8 +83,6 @@ def user_errors(fn):
 
 def _out_dir(path: Path | None, option: str = "--out") -> Path | None:
     """OutputPathError before any work when an output folder is an existing file (or lies under one)."""
-    from .errors import OutputPathError
-
     if path is None:
         return None
     for p in (path, *path.parents):
@@ -94,8 +93,6 @@ def _out_dir(path: Path | None, option: str = "--out") -> Path | None:
 
 def _at_least(option: str, value: int | float | None, low: int = 1) -> None:
     """ConfigError unless `value` is None or a number >= `low` (0 never silently means 'default')."""
-    from .errors import ConfigError
-
     if value is not None and not value >= low:  # `not >=` also catches NaN
         raise ConfigError(f"{option} {value}: must be at least {low}")
 
@@ -110,6 +107,15 @@ def _version(value: bool):
 def main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                       help="Print the version and exit.")):
     """Train, inspect, prune and benchmark multi-task mixture-of-experts ViTs."""
+
+
+def _renamed(new: str, value, old: str, old_value):
+    """The value of option `new`, or of its old spelling `old` (kept as a hidden alias); both is an error."""
+    if old_value is None:
+        return value
+    if value is not None:
+        raise ConfigError(f"{old} is the old name of {new}; give only {new}")
+    return old_value
 
 
 def _csv(value: str | None) -> list[str] | None:
@@ -159,8 +165,6 @@ def data_check(root: Path = typer.Argument(..., help="Dataset root."),
 
     Example: modsquad data check data/taskonomy --tasks depth_euclidean,normal
     """
-    from rich.table import Table
-
     from .data import check_dataset
 
     _at_least("--max-samples", max_samples)
@@ -211,11 +215,9 @@ def train_cmd(config: Path = typer.Option(None, "--config", "-c", help="Run conf
     Multi-GPU: torchrun --nproc_per_node 8 --no-python modsquad train --config configs/taskonomy_vit_s.yaml.
     Add a task: modsquad train --from runs/tiny --add-tasks reshading --freeze experts --set train.steps=100.
     """
-    from .errors import ConfigError
-
     _out_dir(out)
     _at_least("--stop-after", stop_after)
-    if from_run is not None or add_tasks is not None or (resume and out and (out / "grow.json").is_file()):
+    if from_run is not None or add_tasks is not None or (resume and out and _adds_tasks(out)):
         result = _train_add_tasks(config, overrides, out, resume, stop_after, from_run, add_tasks, freeze,
                                   router_init_from)
     elif router_init_from is not None or freeze != "none":
@@ -228,10 +230,15 @@ def train_cmd(config: Path = typer.Option(None, "--config", "-c", help="Run conf
     console.print(f"[green]done[/]: {result.step}/{result.total_steps} steps in {result.out}{best}")
 
 
+def _adds_tasks(out: Path) -> bool:
+    from .run import Run
+
+    return Run(out).adds_tasks
+
+
 def _train_add_tasks(config, overrides, out, resume, stop_after, from_run, add_tasks, freeze, router_init_from):
     """`train --from RUN --add-tasks X,Y` (and its --resume): grow, freeze and train the new tasks."""
-    from .engine.transfer import train_add_tasks
-    from .errors import ConfigError
+    from .train.transfer import train_add_tasks
 
     if config is not None:
         raise ConfigError("--config cannot be combined with --from: the source run's config.yaml is the base "
@@ -246,21 +253,19 @@ def _train_add_tasks(config, overrides, out, resume, stop_after, from_run, add_t
 
 def _train(config, overrides, out, resume, stop_after):
     from .config import load_config
-    from .engine import train
-    from .errors import ConfigError
+    from .run import Run
+    from .train import train
 
     if config is None:
         if not (resume and out):
             raise ConfigError("--config is required (only `--resume --out RUN` can reuse the run's config.yaml)")
-        config = out / "config.yaml"
-        if not config.is_file():
-            raise ConfigError(f"{out}: nothing to resume (no config.yaml); start the run with --config")
-    return train(load_config(config, overrides), out, resume=resume, stop_after=stop_after, console=console)
+        cfg = Run(out).resume_config(overrides)
+    else:
+        cfg = load_config(config, overrides)
+    return train(cfg, out, resume=resume, stop_after=stop_after, console=console)
 
 
 def _task_paths(items: list[str]) -> dict[str, str]:
-    from .errors import ConfigError
-
     pairs = [item.partition("=") for item in items]
     bad = [item for item, (task, sep, path) in zip(items, pairs, strict=True) if not (sep and task and path)]
     if bad:
@@ -287,8 +292,7 @@ def eval_cmd(checkpoint: Path = typer.Argument(..., help="Run directory (best, e
 
     Example: modsquad eval runs/tiny --baseline runs/tiny_dense.
     """
-    from .engine import evaluate
-    from .engine.evaluate import metrics_table
+    from .evaluate.evaluator import evaluate, metrics_table
 
     _out_dir(out)
     _at_least("--batch-size", batch_size)
@@ -316,7 +320,7 @@ def compare_cmd(runs: list[Path] = typer.Argument(..., help="Run directories (ea
 
     Example: modsquad compare runs/dense runs/per_task runs/task_level --baseline runs/dense.
     """
-    from .engine.compare import compare_runs, compare_table, write_compare
+    from .bench.compare import compare_runs, compare_table, write_compare
 
     _out_dir(out)
     result = compare_runs(runs, baseline, split=split, flops=flops)
@@ -328,14 +332,12 @@ def compare_cmd(runs: list[Path] = typer.Argument(..., help="Run directories (ea
 # --- bench and demo ----------------------------------------------------------------------------------------
 
 def _batch_sizes(value: str) -> list[int]:
-    from .errors import ConfigError
-
     try:
         sizes = [int(v) for v in value.split(",") if v.strip()]
     except ValueError:
         sizes = []
     if not 1 <= len(sizes) <= 2 or min(sizes) < 1:
-        raise ConfigError(f"--batch {value!r}: give one or two positive ints, latency,throughput (e.g. 1,32)")
+        raise ConfigError(f"--batch-size {value!r}: give one or two positive ints, latency,throughput (e.g. 1,32)")
     return sizes
 
 
@@ -345,11 +347,15 @@ def bench(checkpoint: Path = typer.Argument(..., help="Run directory or .safeten
           extracted: Path = typer.Option(..., "--extracted", help="Directory written by `modsquad extract`."),
           out: Path = typer.Option(Path("bench_out"), "--out", help="Where bench.json, bench.md, bench.png go."),
           tasks: str | None = typer.Option(None, "--tasks", help="Comma-separated tasks (default: all extracted)."),
-          batch: str = typer.Option("1,32", "--batch", help="Latency and throughput batch sizes."),
-          device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
+          batch_size: str = typer.Option(None, "--batch-size", help="Latency and throughput batch sizes "
+                                         "(default 1,32)."),
+          batch_old: str = typer.Option(None, "--batch", hidden=True),
+          device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
           repeats: int = typer.Option(20, "--repeats", help="Timed forwards per model and batch size."),
           warmup: int = typer.Option(3, "--warmup", help="Untimed forwards before timing."),
-          data: Path | None = typer.Option(None, "--data", help="Dataset root for metrics (default: run config)."),
+          data_root: Path | None = typer.Option(None, "--data-root", help="Dataset root for metrics (default: the "
+                                                "run's data.root)."),
+          data_old: Path | None = typer.Option(None, "--data", hidden=True),
           split: str | None = typer.Option(None, "--split", help="Split for metrics (default: the config's)."),
           max_images: int = typer.Option(64, "--max-images", help="Images evaluated for metrics (0: none)."),
           threads: int | None = typer.Option(None, "--threads", help="CPU threads while measuring."),
@@ -359,7 +365,7 @@ def bench(checkpoint: Path = typer.Argument(..., help="Run directory or .safeten
                                        "warm-up; needs a C++ compiler on CPU).")):
     """Pruned vs full vs dense timm: params, FLOPs, latency, throughput, memory, metrics -> bench.json/md/png.
 
-    Example: modsquad bench runs/tiny --extracted runs/tiny/extracted --batch 1,32 --out runs/tiny/bench
+    Example: modsquad bench runs/tiny --extracted runs/tiny/extracted --batch-size 1,32 --out runs/tiny/bench
     """
     from .bench import benchmark, summary_table, write_report
 
@@ -368,6 +374,8 @@ def bench(checkpoint: Path = typer.Argument(..., help="Run directory or .safeten
     _at_least("--warmup", warmup, 0)
     _at_least("--max-images", max_images, 0)
     _at_least("--threads", threads)
+    batch = _renamed("--batch-size", batch_size, "--batch", batch_old) or "1,32"
+    data = _renamed("--data-root", data_root, "--data", data_old)
     result = benchmark(checkpoint, extracted, tasks=_csv(tasks), batch_sizes=_batch_sizes(batch), device=device,
                        repeats=repeats, warmup=warmup, data=data, split=split, max_images=max_images,
                        threads=threads, dense_baseline=dense_baseline, progress=True, compile=compile)
@@ -384,7 +392,7 @@ def demo(out: Path = typer.Option(Path("demo_out"), "--out", help="Folder for ev
          images: int | None = typer.Option(None, "--images", help="Synthetic images to render."),
          steps: int | None = typer.Option(None, "--steps", help="Training steps."),
          size: int | None = typer.Option(None, "--size", help="Image size in pixels."),
-         device: str = typer.Option("cpu", "--device", help="cpu, cuda or auto."),
+         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
          threads: int = typer.Option(1, "--threads", help="torch CPU threads (1 suits the tiny model best).")):
     """Synthesise a suite, train with the MI loss, evaluate, extract every task, benchmark pruned vs full.
 
@@ -402,13 +410,11 @@ def demo(out: Path = typer.Option(Path("demo_out"), "--out", help="Folder for ev
 # --- usage, extract, predict -------------------------------------------------------------------------------
 
 _DATA_HELP = "Dataset root to count usage on (default: the run's data root)."
-_FORMAT_HELP = "Format of --data: taskonomy, pascal_context or synthetic (default: the run's)."
+_FORMAT_HELP = "Format of --data-root: taskonomy, pascal_context or synthetic (default: the run's)."
 
 
 def _usage_table(report: dict):
     """Per task and MoE layer: experts carrying 90% / 99% of the task's routing mass."""
-    from rich.table import Table
-
     mass, layers = report["experts_for_mass"], report["layers"]
     total = sum(d["num_experts"] for d in layers)
     table = Table(title="Experts carrying 90%/99% of each task's routing (columns: layer, experts, top-k)",
@@ -429,7 +435,8 @@ def _usage_table(report: dict):
 def usage_cmd(checkpoint: Path = typer.Argument(..., help="Run directory or .safetensors checkpoint."),
               out: Path | None = typer.Option(None, "--out", help="Folder for usage.json and usage.png "
                                               "(default: the checkpoint's folder)."),
-              data: Path | None = typer.Option(None, "--data", help=_DATA_HELP),
+              data_root: Path | None = typer.Option(None, "--data-root", help=_DATA_HELP),
+              data_old: Path | None = typer.Option(None, "--data", hidden=True),
               data_format: str | None = typer.Option(None, "--format", help=_FORMAT_HELP),
               split: str | None = typer.Option(None, "--split", help="Split to count usage on (default: the run's training split; held-out figures use val)."),
               max_images: int | None = typer.Option(None, "--max-images", help="Use at most this many images."),
@@ -440,13 +447,14 @@ def usage_cmd(checkpoint: Path = typer.Argument(..., help="Run directory or .saf
 
     Example: modsquad usage runs/tiny --out runs/tiny/usage
     """
-    from .engine.checkpoint import resolve_checkpoint
+    from .checkpoint import resolve_checkpoint
     from .extract.usage import compute_usage, save_usage
 
     _out_dir(out)
     _at_least("--max-images", max_images)
     _at_least("--batch-size", batch_size)
     _at_least("--workers", workers, 0)
+    data = _renamed("--data-root", data_root, "--data", data_old)
     report = compute_usage(checkpoint, data=data, data_format=data_format, split=split, max_images=max_images,
                            batch_size=batch_size, workers=workers, device=device)
     json_path, png_path = save_usage(report, out if out is not None else resolve_checkpoint(checkpoint).parent)
@@ -467,7 +475,8 @@ def extract_cmd(checkpoint: Path = typer.Argument(..., help="Run directory or .s
                                                      "experts whose usage exceeds 3/k % (k = the layer's top-k)."),
                 usage: Path | None = typer.Option(None, "--usage", help="usage.json from `modsquad usage` "
                                                   "(default: count usage now)."),
-                data: Path | None = typer.Option(None, "--data", help=_DATA_HELP),
+                data_root: Path | None = typer.Option(None, "--data-root", help=_DATA_HELP),
+                data_old: Path | None = typer.Option(None, "--data", hidden=True),
                 data_format: str | None = typer.Option(None, "--format", help=_FORMAT_HELP),
                 split: str | None = typer.Option(None, "--split", help="Split to count usage on (default: the run's training split; held-out figures use val)."),
                 max_images: int | None = typer.Option(None, "--max-images", help="Count usage on at most N images."),
@@ -480,9 +489,8 @@ def extract_cmd(checkpoint: Path = typer.Argument(..., help="Run directory or .s
 
     Example: modsquad extract runs/tiny --out runs/tiny/extracted --mass 0.99 --onnx
     """
-    from rich.table import Table
-
     from .extract.export import extract
+    from .extract.prune import PAPER
 
     _out_dir(out)
     _at_least("--max-images", max_images)
@@ -490,12 +498,10 @@ def extract_cmd(checkpoint: Path = typer.Argument(..., help="Run directory or .s
     _at_least("--workers", workers, 0)
     _at_least("--check-images", check_images)
     if paper_threshold:
-        from .errors import ConfigError
-        from .extract.prune import PAPER
-
         if threshold is not None or mass is not None:
             raise ConfigError("--paper-threshold cannot be combined with --threshold or --mass")
         threshold = PAPER
+    data = _renamed("--data-root", data_root, "--data", data_old)
     results = extract(checkpoint, out, tasks=_csv(tasks), threshold=threshold, mass=mass, usage=usage, data=data,
                       data_format=data_format, split=split, max_images=max_images, batch_size=batch_size,
                       workers=workers, onnx=onnx, check_images=check_images, device=device)
@@ -527,26 +533,41 @@ def extract_cmd(checkpoint: Path = typer.Argument(..., help="Run directory or .s
 
 @app.command("predict")
 @user_errors
-def predict_cmd(model: Path = typer.Argument(..., help="Extracted model directory (OUT/<task>), or a full "
-                                             "checkpoint / run directory."),
-                images: list[Path] = typer.Argument(..., help="Image files (any size), or folders of them."),
-                out: Path | None = typer.Option(None, "--out", help="Folder for <stem>_<task>.png "
+def predict_cmd(model: Path = typer.Argument(..., help="Extracted model directory (OUT/<task>) or its "
+                                             "model.safetensors, or a full checkpoint / run directory."),
+                images: list[Path] = typer.Argument(..., help="Image files (any size), folders of them, or quoted "
+                                                    "glob patterns such as 'photos/*.jpg'."),
+                out: Path | None = typer.Option(None, "--out", help="Folder for <stem>_<task>.png panels "
                                                 "(default: next to each image)."),
-                task: str | None = typer.Option(None, "--task", help="Comma-separated tasks of a full model "
+                raw: bool = typer.Option(False, "--raw/--no-raw", help="Also write <stem>_<task>_raw.png/.npy: "
+                                         "depth as 16-bit PNG in 1/512 m, normals as 8-bit RGB (Taskonomy "
+                                         "encoding), class ids as PNG, other maps as float .npy."),
+                tasks: str | None = typer.Option(None, "--tasks", help="Comma-separated tasks of a full model "
                                                 "(default: all)."),
+                task_old: str | None = typer.Option(None, "--task", hidden=True),
                 batch_size: int = typer.Option(8, "--batch-size", help="Images per forward."),
                 device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
                 compile: bool = typer.Option(False, "--compile", help="torch.compile the model first (pays off "
                                              "for many images; needs a C++ compiler on CPU).")):
-    """Predict image files with a standalone (or full) model and write colourised PNGs.
+    """Predict images with a standalone (or full) model: per image and task a panel input | prediction with a
+    colour bar and units (or a legend of the classes present), and with --raw the prediction itself.
 
-    Example: modsquad predict runs/tiny/extracted/normal photo.jpg --out preds
+    Aspect ratio is kept: the short side is resized to the model's input size (the long side at most 4x it),
+    padded to a multiple of the patch size, and the prediction is cropped and resized back to the image.
+    Unreadable files are skipped and listed; the exit code is 2 only when nothing could be predicted.
+
+    Example: modsquad predict runs/tiny/extracted/normal photos 'shots/*.jpg' --out preds --raw
     """
     from .predict import predict_images
 
     _out_dir(out)
     _at_least("--batch-size", batch_size)
-    paths = predict_images(model, images, out=out, tasks=_csv(task), device=device, batch_size=batch_size,
-                           compile=compile)
-    for path in paths:
+    tasks = _renamed("--tasks", tasks, "--task", task_old)
+    result = predict_images(model, images, out=out, tasks=_csv(tasks), device=device, batch_size=batch_size,
+                            compile=compile, raw=raw)
+    for path in result.written:
         console.print(str(path), highlight=False)
+    for where, why in result.skipped.items():
+        err_console.print(f"[yellow]skipped:[/] {where}: {why}", highlight=False)
+    console.print(f"wrote {len(result.written)} files; skipped {len(result.skipped)} inputs; {result.strategy}",
+                  highlight=False, soft_wrap=True)

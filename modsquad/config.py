@@ -25,7 +25,11 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .errors import ConfigError, UnknownNameError
+from .core.errors import ConfigError, UnknownNameError
+from .models.registry import MODEL_ARGS, list_models
+from .tasks.losses import TASK_LOSSES
+from .tasks.registry import get_task
+from .tasks.weighting import WEIGHTINGS
 
 
 @dataclass
@@ -302,10 +306,6 @@ def _nest(key: str, value: Any) -> dict:
 
 def _validate(cfg: DictConfig, source: str) -> None:
     """Checks beyond types: choices, known tasks and weightings, ranges, tasks fit the dataset format."""
-    from .engine.weighting import WEIGHTINGS
-    from .models.registry import MODEL_ARGS, list_models
-    from .tasks.registry import get_task
-
     try:
         OmegaConf.to_container(cfg, resolve=True)
     except OmegaConfBaseException as e:
@@ -388,7 +388,6 @@ def _validate(cfg: DictConfig, source: str) -> None:
         fail("train.loss_clamp", f"must be > 0 or null; got {cfg.train.loss_clamp}")
     if not cfg.train.adam_eps > 0:
         fail("train.adam_eps", f"must be > 0; got {cfg.train.adam_eps}")
-    from .tasks.losses import TASK_LOSSES
     for task, loss in cfg.train.task_losses.items():
         if task not in tasks:
             fail(f"train.task_losses.{task}", f"not a task of this model ({', '.join(tasks)})")

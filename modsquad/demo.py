@@ -8,7 +8,8 @@
 3. evaluate the run on the val split (OUT/run/metrics.json);
 4. count expert usage on the training split (OUT/usage/usage.{json,png}: task x expert heatmaps);
 5. extract every task with the experts that carry `mass` of its routing (OUT/extracted/<task>), with the
-   routing coverage and max |diff| measured on the held-out val split;
+   routing coverage and max |diff| measured on the held-out val split (OUT/usage/usage_kept.png boxes the
+   experts each task kept);
 6. benchmark every extracted model against the full model (OUT/bench/bench.{json,md,png}).
 
 The last panel lists every artefact and the benchmark table. Everything is deterministic by seed except timing.
@@ -16,6 +17,7 @@ The last panel lists every artefact and the benchmark table. Everything is deter
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -25,7 +27,18 @@ from rich.console import Console, Group
 from rich.panel import Panel
 from rich.table import Table
 
-from .errors import ConfigError
+from .bench import benchmark, summary_table, write_report
+from .bench.bench import fixed_threads
+from .bench.report import primary_metric
+from .config import load_config
+from .core.atomic import atomic_write
+from .core.errors import ConfigError
+from .data import synthesize
+from .evaluate.evaluator import evaluate, metrics_table
+from .extract import compute_usage, extract, save_usage
+from .extract.usage import load_usage, plot_usage
+from .run import Run
+from .train.trainer import train
 
 CONFIG = "synthetic_tiny.yaml"
 
@@ -142,9 +155,6 @@ def run_demo(out: str | Path = "demo_out", *, images: int | None = None, steps: 
     fastest for this tiny model and keeps a shared machine from stalling on oversubscribed threads. An existing
     OUT/run is replaced.
     """
-    from .bench.bench import fixed_threads
-    from .config import load_config
-
     console = console or Console()
     base = QUICK if quick else DEFAULT
     def given(value, default):  # 0 is a value (and refused by _check_plan), never "the default"
@@ -164,17 +174,9 @@ def run_demo(out: str | Path = "demo_out", *, images: int | None = None, steps: 
 
 
 def _run_stages(out: Path, plan: DemoSize, cfg, device: str, console: Console) -> DemoResult:
-    import shutil
-
-    from .bench import benchmark, write_report
-    from .data import synthesize
-    from .engine.evaluate import evaluate, metrics_table
-    from .engine.trainer import train
-    from .extract import compute_usage, extract, save_usage
-
     run_dir, usage_dir, extracted_dir, bench_dir = out / "run", out / "usage", out / "extracted", out / "bench"
     if run_dir.exists():  # the demo always trains afresh, but only ever deletes a run it could have made
-        if not (run_dir / "config.yaml").is_file():
+        if not Run(run_dir).has_config:
             raise ConfigError(f"{run_dir} exists and is not a modsquad run; choose another --out")
         shutil.rmtree(run_dir)
     t_start = time.perf_counter()
@@ -202,6 +204,8 @@ def _run_stages(out: Path, plan: DemoSize, cfg, device: str, console: Console) -
     for task, info in extracted.items():
         p = info["params"]
         console.print(f"{task}: {p['extracted']:,} of {p['full']:,} parameters, max |diff| {info['max_abs_diff']:.2e}")
+    kept = {task: info["kept"] for task, info in extracted.items()}  # usage.png again, with the kept experts boxed
+    kept_png = atomic_write(usage_dir / "usage_kept.png", lambda p: plot_usage(load_usage(usage_json), p, kept=kept))
 
     bench = stages.run("bench", "benchmark pruned vs full",
                        lambda: benchmark(run_dir, extracted_dir, batch_sizes=plan.bench_batch, device=device,
@@ -209,16 +213,17 @@ def _run_stages(out: Path, plan: DemoSize, cfg, device: str, console: Console) -
     bench_paths = write_report(bench, bench_dir)
     stages.seconds["total"] = time.perf_counter() - t_start
 
-    best = run_dir / "best.safetensors"
+    run = Run(run_dir)
     artefacts = {
         "data": Path(synth.root),
-        "config": run_dir / "config.yaml",
-        "checkpoint": best if best.is_file() else run_dir / "last.safetensors",
-        "train log": run_dir / "metrics.jsonl",
+        "config": run.config_path,
+        "checkpoint": run.checkpoint(),
+        "train log": run.log_path,
         "predictions": run_dir / "predictions",
         "metrics": Path(evaluation["file"]),
         "usage.json": usage_json,
         "usage.png": usage_png,
+        "usage_kept.png": kept_png,
         **{f"extracted {t}": Path(info["dir"]) for t, info in extracted.items()},
         "bench.json": bench_paths["json"],
         "bench.md": bench_paths["md"],
@@ -229,8 +234,6 @@ def _run_stages(out: Path, plan: DemoSize, cfg, device: str, console: Console) -
 
 def summary_lines(bench: dict) -> list[str]:
     """One line per task: the extracted model against the full model run for that task and on all tasks."""
-    from .bench.report import primary_metric
-
     lines = []
     for task, entry in bench["tasks"].items():
         r = entry["ratios"]
@@ -248,8 +251,6 @@ def summary_lines(bench: dict) -> list[str]:
 
 def final_panel(result: DemoResult) -> Panel:
     """The closing panel: where each artefact is, the benchmark table, the per-task summary, the timings."""
-    from .bench import summary_table
-
     table = summary_table(result.bench, title="bench: pruned vs full")
     where = Table.grid(padding=(0, 2))
     where.add_column(style="bold")

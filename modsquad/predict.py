@@ -1,21 +1,38 @@
-"""`modsquad predict`: run an extracted (or full) model on image files and write colourised predictions.
+"""`modsquad predict`: run an extracted (or full) model on photographs and write predictions people can read.
 
-    paths = predict_images("out/extracted/depth_euclidean", ["a.jpg", "b.png"], out="preds")
+    result = predict_images("out/extracted/depth_euclidean", ["photos/", "shots/*.jpg"], out="preds", raw=True)
+    result.written, result.skipped      # paths written; {input: why it was skipped}
 
-Images of any size are resized to the model's input size, normalised with the ImageNet mean/std (as in
-training), predicted, and the prediction is mapped back to the image's own size: bilinear for maps, nearest for
-segmentation labels (after the argmax). Each prediction is written as `<out>/<stem>_<task>.png` (next to the
-input image when no `out` is given) with `modsquad.tasks.visualize.colorize`: a colour map for depth and other
-scalar maps, normals as RGB, the VOC palette for labels, grey probabilities for saliency and edges, a top-5 bar
-chart for classification. Every image is read before anything is written, and every PNG is written atomically.
-Outputs never overwrite an input image or each other: such a clash is an error before anything is written.
-8-bit, 16-bit and float images (float in [0, 1], or in [0, 255]) are all read at their own scale.
+Inputs: image files, folders (their images, not recursive) and glob patterns (`"shots/*.jpg"`, quoted so the
+shell leaves them to us). A file that is missing or cannot be decoded is skipped and reported, the rest of the
+batch goes on; only when nothing at all could be predicted is that an error.
+
+Aspect ratio is kept: each image is resized so that its short side equals the model's input size (the long side
+follows, capped at `MAX_ASPECT` times the short side), normalised as in training (RGB in [0, 1], ImageNet
+mean/std, from the model's `pretrained_cfg`), and padded on the bottom and right to a multiple of the patch size
+(the model resamples its position embeddings to any such grid). The prediction is cropped back to the resized
+image and mapped to the image's own size: bilinear for maps, nearest for segmentation labels (after the argmax).
+
+Outputs per image and task, in `out` (default: next to each input image):
+    <stem>_<task>.png        a panel: input | prediction, with a colour bar and units (depth in metres), a legend
+                             of the class names present, or a note on the colour encoding (`prediction_panel`)
+    <stem>_<task>_raw.<ext>  with `raw`: the prediction itself, at the image's size (`raw_prediction`): depth as a
+                             16-bit PNG in the Taskonomy encoding (1/512 m, 65535 = invalid), normals as 8-bit
+                             RGB in the Taskonomy encoding (v * 127 + 127), class ids as an 8-bit PNG, saliency and
+                             edge probabilities as an 8-bit PNG (x 255), other maps as float32 .npy [C, H, W],
+                             classification as float32 .npy class probabilities.
+Every file is written atomically, and outputs never overwrite an input image or each other: such a clash is an
+error before anything is written. 8-bit, 16-bit and float images (in [0, 1], or in [0, 255]) are read at their
+own scale.
 """
 
 from __future__ import annotations
 
+import glob
+import math
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
@@ -23,30 +40,66 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import DataError, OutputPathError, UnknownNameError
-from .tasks.visualize import IMAGENET_MEAN, IMAGENET_STD, colorize
+from .checkpoint import load_model
+from .core.atomic import atomic_write, ensure_dir
+from .core.devices import resolve_device
+from .core.errors import DataError, OutputPathError, UnknownNameError
+from .data.io import read_image
+from .extract.standalone import CONFIG_NAME, WEIGHTS_NAME, load_extracted
+from .tasks.visualize import IMAGENET_MEAN, IMAGENET_STD, output_meaning, prediction_panel
 
 Predictor = Callable[[torch.Tensor], dict[str, torch.Tensor]]
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
+#: The long side of a resized image is at most this many times its short side (panoramas are shrunk further).
+MAX_ASPECT = 4.0
+#: How inputs are fitted to the model, for --help, the README and the result.
+RESIZE_STRATEGY = ("aspect ratio kept: short side resized to the model's input size (long side at most "
+                   f"{MAX_ASPECT:g}x it), padded to a multiple of the patch size, prediction cropped and resized "
+                   "back to the image's size")
+
+
+@dataclass
+class ModelInput:
+    """What a loaded model expects: input size (H, W) it was built for, patch size, normalisation."""
+
+    size: tuple[int, int]
+    patch_size: int
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+
+@dataclass
+class PredictResult:
+    """Paths written (image by image, task by task) and the inputs skipped, with the reason for each."""
+
+    written: list[Path] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    strategy: str = RESIZE_STRATEGY
+
+
+def resolve_model_path(model_path: str | os.PathLike) -> Path:
+    """An extracted model's folder also when given its `model.safetensors` (or `config.json`) file."""
+    path = Path(model_path)
+    if path.is_file() and path.name in (WEIGHTS_NAME, CONFIG_NAME) and (path.parent / CONFIG_NAME).is_file():
+        return path.parent
+    return path
+
 
 def load_predictor(model_path: str | os.PathLike, tasks: Sequence[str] | None = None, device: str = "auto",
-                   compile: bool = False) -> tuple[Predictor, dict, tuple[int, int], torch.device]:
-    """(images -> {task: prediction}, {task: TaskSpec}, input size (H, W), device) for an extracted model
-    directory (config.json) or a full checkpoint / run directory (all its tasks unless `tasks` is given).
-    `compile`: run the model through `torch.compile` (compiled on the first batch)."""
-    from .engine.checkpoint import load_model
-    from .engine.distributed import resolve_device
-    from .extract.standalone import CONFIG_NAME, load_extracted
-
-    path = Path(model_path)
+                   compile: bool = False) -> tuple[Predictor, dict, ModelInput, torch.device]:
+    """(images -> {task: prediction}, {task: TaskSpec}, ModelInput, device) for an extracted model directory
+    (config.json, or its model.safetensors) or a full checkpoint / run directory (all its tasks unless `tasks`
+    is given). `compile`: run the model through `torch.compile` (compiled on the first batch)."""
+    path = resolve_model_path(model_path)
     dev = resolve_device(device)
     if (path / CONFIG_NAME).is_file():
         sub = load_extracted(path).to(dev)
         for task in tasks or ():
             if task != sub.task:
                 raise UnknownNameError(f"{path} is the extracted model of {sub.task!r}; it has no task {task!r}")
-        model, specs, size = sub.model, {sub.task: sub.spec}, sub.img_size
-        run_sub = torch.compile(sub) if compile else sub
+        model, specs = sub.model, {sub.task: sub.spec}
+        run_sub = torch.compile(sub, dynamic=True) if compile else sub
 
         def predict(images: torch.Tensor) -> dict[str, torch.Tensor]:
             return {sub.task: run_sub(images)}
@@ -55,34 +108,57 @@ def load_predictor(model_path: str | os.PathLike, tasks: Sequence[str] | None = 
         selected = list(tasks) if tasks else list(model.tasks)
         for task in selected:
             model.task_index(task)  # UnknownNameError naming the model's tasks
-        specs, size = {t: model.task_specs[t] for t in selected}, model.config["img_size"]
-        run_model = torch.compile(model) if compile else model
+        specs = {t: model.task_specs[t] for t in selected}
+        run_model = torch.compile(model, dynamic=True) if compile else model
 
         def predict(images: torch.Tensor) -> dict[str, torch.Tensor]:
             return run_model(images, tasks=selected)
-    size = (size, size) if isinstance(size, int) else tuple(size)
-    return predict, specs, size, dev
+    cfg = model.pretrained_cfg
+    spec = ModelInput(size=tuple(cfg["input_size"][1:]), patch_size=int(cfg["patch_size"]),
+                      mean=tuple(cfg["mean"]), std=tuple(cfg["std"]))
+    return predict, specs, spec, dev
 
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(f for f in folder.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def image_files(paths: Sequence[str | os.PathLike]) -> list[Path]:
-    """The image files of `paths`: files as given, folders expanded to their images (sorted, not recursive);
-    a path given twice counts once. DataError for a missing path or a folder without images."""
+def expand_inputs(paths: Sequence[str | os.PathLike]) -> tuple[list[Path], dict[str, str]]:
+    """(image files, {input: why nothing came of it}) of files, folders (their images, sorted, not recursive)
+    and glob patterns (`*`, `?`, `[...]`; sorted matches). A file reached twice counts once."""
     files: list[Path] = []
-    for p in map(Path, paths):
+    skipped: dict[str, str] = {}
+    for raw in paths:
+        p = Path(raw)
         if p.is_dir():
-            found = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            found = _images_in(p)
             if not found:
-                raise DataError(f"{p}: folder holds no images ({', '.join(IMAGE_SUFFIXES)})")
+                skipped[str(p)] = f"folder holds no images ({', '.join(IMAGE_SUFFIXES)})"
             files.extend(found)
         elif p.is_file():
             files.append(p)
+        elif glob.has_magic(str(raw)):
+            matches = [Path(m) for m in sorted(glob.glob(str(raw)))]
+            found = [m for m in matches if m.is_file() and m.suffix.lower() in IMAGE_SUFFIXES]
+            for m in matches:
+                if m.is_dir():
+                    found.extend(_images_in(m))
+            if not found:
+                skipped[str(raw)] = "no image matches this pattern"
+            files.extend(found)
         else:
-            raise DataError(f"image not found: {p}")
+            skipped[str(p)] = "not found"
     unique = {f.resolve(): f for f in reversed(files)}
-    return [f for f in files if unique.get(f.resolve()) is f]
+    return [f for f in files if unique.get(f.resolve()) is f], skipped
+
+
+def image_files(paths: Sequence[str | os.PathLike]) -> list[Path]:
+    """The image files of `paths` (see `expand_inputs`); DataError naming the first input that gave none."""
+    files, skipped = expand_inputs(paths)
+    if skipped:
+        where, why = next(iter(skipped.items()))
+        raise DataError(f"{where}: {why}")
+    return files
 
 
 def to_unit_rgb(image: np.ndarray, name: str = "image") -> np.ndarray:
@@ -109,68 +185,142 @@ def to_unit_rgb(image: np.ndarray, name: str = "image") -> np.ndarray:
 def read_images(paths: Sequence[str | os.PathLike]) -> list[np.ndarray]:
     """float32 RGB [H, W, 3] in [0, 1] of every file; DataError naming the first that is missing or cannot be
     decoded."""
-    from .data.io import read_image
-
     images = []
-    for p in paths:
-        p = Path(p)
+    for p in map(Path, paths):
         if not p.is_file():
             raise DataError(f"image not found: {p}")
         images.append(to_unit_rgb(read_image(p), str(p)))
     return images
 
 
-def output_paths(images: Sequence[Path], tasks: Sequence[str], out: str | os.PathLike | None) -> list[list[Path]]:
-    """[image][task] -> `<out or the image's folder>/<stem>_<task>.png`; OutputPathError when one would overwrite
-    an input image or another output (two inputs with the same stem in different folders, with one --out)."""
+def _try_read(path: Path) -> tuple[np.ndarray | None, str | None]:
+    """(image in [0, 1], None) or (None, why it cannot be read)."""
+    try:
+        return to_unit_rgb(read_image(path), str(path)), None
+    except DataError as e:
+        return None, str(e).removeprefix(f"{path}: ")
+    except (OSError, ValueError, cv2.error) as e:
+        return None, f"unreadable ({e})"
+
+
+def _raw_suffix(spec) -> str:
+    return ".npy" if spec.kind == "classification" or (
+        spec.kind == "regression" and output_meaning(spec)["units"] != "m") else ".png"
+
+
+def output_paths(images: Sequence[Path], specs: dict, out: str | os.PathLike | None,
+                 raw: bool = False) -> list[list[tuple[Path, Path | None]]]:
+    """[image][task] -> (`<dir>/<stem>_<task>.png`, `<dir>/<stem>_<task>_raw.<ext>` or None), dir = `out` or the
+    image's folder; OutputPathError when one would overwrite an input image or another output (two inputs with
+    the same stem in different folders, with one --out). specs: {task: TaskSpec}."""
     inputs = {p.resolve(): p for p in images}
     taken: dict[Path, Path] = {}
+
+    def claim(dst: Path, src: Path) -> Path:
+        key = dst.resolve()
+        if key in inputs:
+            raise OutputPathError(f"the prediction of {src} would overwrite the input image {inputs[key]}; "
+                                  f"write predictions elsewhere with --out DIR")
+        if key in taken:
+            raise OutputPathError(f"{taken[key]} and {src} would both write {dst}; rename one or predict "
+                                  f"them into different --out folders")
+        taken[key] = src
+        return dst
+
     paths = []
     for src in images:
         folder = Path(out) if out is not None else src.parent
         row = []
-        for task in tasks:
-            dst = folder / f"{src.stem}_{task}.png"
-            key = dst.resolve()
-            if key in inputs:
-                raise OutputPathError(f"the prediction of {src} would overwrite the input image {inputs[key]}; "
-                                      f"write predictions elsewhere with --out DIR")
-            if key in taken:
-                raise OutputPathError(f"{taken[key]} and {src} would both write {dst}; rename one or predict "
-                                      f"them into different --out folders")
-            taken[key] = src
-            row.append(dst)
+        for task, spec in specs.items():
+            panel = claim(folder / f"{src.stem}_{task}.png", src)
+            raw_path = claim(folder / f"{src.stem}_{task}_raw{_raw_suffix(spec)}", src) if raw else None
+            row.append((panel, raw_path))
         paths.append(row)
     return paths
 
 
-def preprocess(image: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
-    """RGB [H, W, 3] (uint8, uint16 or float, see `to_unit_rgb`) -> float [3, h, w] at the model's size,
-    ImageNet-normalised (as eval transforms do)."""
-    h, w = size
+def fit_size(h: int, w: int, model: ModelInput) -> tuple[int, int, int, int]:
+    """(resized h, resized w, padded h, padded w) of an h x w image: short side = the model's (smaller) input
+    side, aspect ratio kept, long side at most MAX_ASPECT x the short side, padded up to multiples of the patch."""
+    short = min(model.size)
+    scale = short / min(h, w)
+    if max(h, w) * scale > MAX_ASPECT * short:
+        scale = MAX_ASPECT * short / max(h, w)
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    p = model.patch_size
+    return nh, nw, math.ceil(nh / p) * p, math.ceil(nw / p) * p
+
+
+def preprocess(image: np.ndarray, model: ModelInput | tuple[int, int]) -> tuple[torch.Tensor, tuple[int, int]]:
+    """RGB [H, W, 3] (uint8, uint16 or float, see `to_unit_rgb`) -> (float [3, ph, pw] normalised with the model's
+    mean/std, the resized image's (h, w) inside it). Aspect ratio kept (`fit_size`); the padding (bottom, right)
+    is 0 after normalisation, i.e. the mean colour. A bare (H, W) means patch 16 and ImageNet statistics."""
+    model = model if isinstance(model, ModelInput) else ModelInput(tuple(model), 16)
     image = to_unit_rgb(image)
-    interp = cv2.INTER_AREA if image.shape[0] > h and image.shape[1] > w else cv2.INTER_LINEAR
-    x = cv2.resize(image, (w, h), interpolation=interp).astype(np.float32)
-    x = (x - np.asarray(IMAGENET_MEAN, np.float32)) / np.asarray(IMAGENET_STD, np.float32)
-    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
+    nh, nw, ph, pw = fit_size(*image.shape[:2], model)
+    interp = cv2.INTER_AREA if image.shape[0] > nh and image.shape[1] > nw else cv2.INTER_LINEAR
+    x = cv2.resize(image, (nw, nh), interpolation=interp).astype(np.float32)
+    if x.ndim == 2:
+        x = x[..., None]
+    x = (x - np.asarray(model.mean, np.float32)) / np.asarray(model.std, np.float32)
+    padded = np.zeros((ph, pw, 3), np.float32)
+    padded[:nh, :nw] = x
+    return torch.from_numpy(np.ascontiguousarray(padded.transpose(2, 0, 1))), (nh, nw)
 
 
-def render(spec, pred: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
-    """One sample's head output ([C, h, w] or [classes]) -> uint8 RGB at the original image size (H, W)."""
+def to_image_size(spec, pred: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """One sample's cropped head output [C, h, w] -> [C, H, W] (bilinear) or, for segmentation, class ids
+    [H, W] (argmax, then nearest); classification [classes] is returned as is."""
     if not spec.is_dense:
-        return colorize(spec, pred, logits=True)
+        return pred
     if spec.kind == "segmentation":
         labels = pred.argmax(0)[None, None].float()
-        labels = F.interpolate(labels, size=size, mode="nearest-exact")[0, 0].long()
-        return colorize(spec, labels)
-    pred = F.interpolate(pred[None].float(), size=size, mode="bilinear", align_corners=False)[0]
-    return colorize(spec, pred, logits=spec.kind in ("saliency", "edge"))
+        return F.interpolate(labels, size=size, mode="nearest-exact")[0, 0].long()
+    return F.interpolate(pred[None].float(), size=size, mode="bilinear", align_corners=False)[0]
 
 
-def _write_png(path: Path, rgb: np.ndarray) -> Path:
-    from .core.atomic import atomic_write
+def render(spec, pred: torch.Tensor, size: tuple[int, int], image: np.ndarray | None = None,
+           title: str | None = None) -> np.ndarray:
+    """One sample's head output ([C, h, w] or [classes]) -> the uint8 RGB panel of `prediction_panel` (input |
+    prediction at the original image size (H, W); a grey input when `image` is None)."""
+    if image is None:
+        image = np.full((*size, 3), 128, np.uint8)
+    return prediction_panel(image, spec, to_image_size(spec, pred, size), title=title)
 
-    ok, buf = cv2.imencode(".png", cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2BGR))
+
+def raw_prediction(spec, pred: torch.Tensor) -> np.ndarray:
+    """The prediction at image size (from `to_image_size`) in the encoding written by `--raw` (see the module
+    docstring): uint16 / uint8 arrays for PNG, float32 for .npy."""
+    a = pred.detach().float().cpu().numpy() if pred.is_floating_point() else pred.cpu().numpy()
+    if spec.kind == "classification":
+        p = np.exp(a - a.max())
+        return (p / p.sum()).astype(np.float32)
+    if spec.kind == "segmentation":
+        return np.clip(a, 0, 255).astype(np.uint8)
+    if spec.kind in ("saliency", "edge"):
+        return np.round(255.0 / (1.0 + np.exp(-a[0]))).astype(np.uint8)
+    if spec.kind == "normal":
+        n = a[:3] / np.maximum(np.linalg.norm(a[:3], axis=0, keepdims=True), 1e-6)
+        if spec.encode is not None:
+            return spec.encode(n)
+        return np.round((n.transpose(1, 2, 0) + 1.0) * 127.5).astype(np.uint8)
+    if output_meaning(spec)["units"] == "m" and spec.encode is not None:
+        return spec.encode(np.maximum(a, 0.0))
+    return a.astype(np.float32)
+
+
+def _write(path: Path, array: np.ndarray, rgb: bool = True) -> Path:
+    """Write a PNG (uint8 RGB [H, W, 3], or a grey uint8 / uint16 [H, W]) or an .npy, atomically."""
+    if path.suffix == ".npy":
+        def save(tmp: Path) -> None:
+            with open(tmp, "wb") as fh:  # a file object: np.save would append ".npy" to the temporary name
+                np.save(fh, array, allow_pickle=False)
+
+        return atomic_write(path, save)
+    a = np.ascontiguousarray(array)
+    if a.ndim == 3 and rgb:
+        a = cv2.cvtColor(a, cv2.COLOR_RGB2BGR)
+    ok, buf = cv2.imencode(".png", a)
     if not ok:
         raise DataError(f"cannot encode a PNG for {path}")
     return atomic_write(path, lambda tmp: tmp.write_bytes(buf.tobytes()))
@@ -179,33 +329,57 @@ def _write_png(path: Path, rgb: np.ndarray) -> Path:
 @torch.no_grad()
 def predict_images(model_path: str | os.PathLike, images: Sequence[str | os.PathLike],
                    out: str | os.PathLike | None = None, tasks: Sequence[str] | None = None,
-                   device: str = "auto", batch_size: int = 8, compile: bool = False) -> list[Path]:
-    """Predict every image with the model at `model_path` and write `<out>/<stem>_<task>.png` per image and task.
+                   device: str = "auto", batch_size: int = 8, compile: bool = False,
+                   raw: bool = False) -> PredictResult:
+    """Predict every image with the model at `model_path` and write a panel (and with `raw` the raw prediction)
+    per image and task; see the module docstring for inputs, resizing and outputs.
 
-    `images`: files or folders (their images). `model_path`: an extracted model directory, or a full checkpoint /
-    run directory (with `tasks`, default all). Returns the written paths, image by image. OutputPathError, before
-    anything is written, when an output would overwrite an input image or another output.
+    `model_path`: an extracted model directory (or its model.safetensors), or a full checkpoint / run directory
+    (with `tasks`, default all). Returns a `PredictResult`; inputs that are missing or cannot be decoded are
+    skipped and listed there. DataError when nothing could be predicted; OutputPathError, before anything is
+    written, when an output would overwrite an input image or another output.
     """
-    from .core.atomic import ensure_dir
-
     if not images:
         raise DataError("no images given")
     if batch_size < 1:
         raise DataError(f"batch_size must be at least 1, got {batch_size}")
     if out is not None and Path(out).exists() and not Path(out).is_dir():
         raise OutputPathError(f"--out {out} is an existing file, not a folder")
-    predict, specs, size, dev = load_predictor(model_path, tasks, device, compile=compile)
-    files = image_files(images)
-    targets = output_paths(files, list(specs), out)
-    arrays = read_images(files)
-    if out is not None:
-        ensure_dir(out, "--out")
-    written = []
-    for start in range(0, len(arrays), batch_size):
-        chunk = arrays[start:start + batch_size]
-        preds = predict(torch.stack([preprocess(a, size) for a in chunk]).to(dev))
-        for i, array in enumerate(chunk):
-            for dst, (task, spec) in zip(targets[start + i], specs.items(), strict=True):
-                rgb = render(spec, preds[task][i].cpu(), array.shape[:2])
-                written.append(_write_png(dst, rgb))
-    return written
+    predict, specs, model_input, dev = load_predictor(model_path, tasks, device, compile=compile)
+    files, skipped = expand_inputs(images)
+    targets = output_paths(files, specs, out, raw=raw)
+    result = PredictResult(skipped=skipped)
+    for start in range(0, len(files), batch_size):
+        chunk = []  # (index, file, image in [0, 1])
+        for i, f in enumerate(files[start:start + batch_size], start):
+            image, why = _try_read(f)
+            if image is None:
+                result.skipped[str(f)] = why
+            else:
+                chunk.append((i, f, image))
+        groups: dict[tuple[int, int], list] = {}  # same padded shape -> one forward
+        for item in chunk:
+            x, inner = preprocess(item[2], model_input)
+            groups.setdefault(tuple(x.shape[1:]), []).append((item, x, inner))
+        done = {}
+        for members in groups.values():
+            preds = predict(torch.stack([x for _, x, _ in members]).to(dev))
+            for j, ((i, f, image), _, (nh, nw)) in enumerate(members):
+                done[i] = (f, image, {t: p[j, ..., :nh, :nw] if specs[t].is_dense else p[j]
+                                      for t, p in preds.items()})
+        if done and out is not None:  # only once something will be written into it
+            ensure_dir(out, "--out")
+        for i in sorted(done):
+            f, image, sample = done[i]
+            rgb8 = (np.clip(image, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+            for (panel_path, raw_path), (task, spec) in zip(targets[i], specs.items(), strict=True):
+                pred = to_image_size(spec, sample[task].float().cpu(), image.shape[:2])
+                panel = prediction_panel(rgb8, spec, pred, title=f"{f.name}: {task}")
+                result.written.append(_write(panel_path, panel))
+                if raw_path is not None:
+                    result.written.append(_write(raw_path, raw_prediction(spec, pred)))
+    if not result.written:
+        reasons = "; ".join(f"{k}: {v}" for k, v in list(result.skipped.items())[:3])
+        more = f" (+{len(result.skipped) - 3} more)" if len(result.skipped) > 3 else ""
+        raise DataError(f"nothing could be predicted: {reasons}{more}")
+    return result

@@ -10,12 +10,13 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
+from modsquad.checkpoint import load_model
 from modsquad.cli import app
 from modsquad.config import config_from_dict
-from modsquad.engine.checkpoint import load_model
-from modsquad.engine.trainer import train
-from modsquad.engine.transfer import GROW_FILE, train_add_tasks
-from modsquad.errors import ConfigError
+from modsquad.core.errors import ConfigError
+from modsquad.run import GROW_FILE
+from modsquad.train.trainer import train
+from modsquad.train.transfer import train_add_tasks
 
 OLD = ["depth_euclidean", "normal"]
 NEW = "reshading"

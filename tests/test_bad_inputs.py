@@ -30,8 +30,8 @@ def world(tmp_path_factory):
     """{name: path} of everything the cases point at, all under one folder `root`."""
     from modsquad.config import config_from_dict, save_config
     from modsquad.data import synthesize
-    from modsquad.engine.trainer import train
     from modsquad.extract.export import extract
+    from modsquad.train.trainer import train
 
     root = tmp_path_factory.mktemp("bad_inputs")
     synthesize(root / "data", images=24, size=32, seed=0)

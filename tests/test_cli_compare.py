@@ -5,9 +5,9 @@ import json
 import torch
 from typer.testing import CliRunner
 
+from modsquad.checkpoint import save_model
 from modsquad.cli import app
 from modsquad.config import config_from_dict, save_config
-from modsquad.engine.checkpoint import save_model
 from modsquad.models import create_model
 
 TASKS = ["depth_euclidean", "normal"]

@@ -9,10 +9,10 @@ import torch
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
+from modsquad.checkpoint import save_model
 from modsquad.cli import app
 from modsquad.config import config_from_dict, save_config
 from modsquad.data import synthesize
-from modsquad.engine.checkpoint import save_model
 from modsquad.models import MultiTaskViT
 
 TASKS = ["depth_euclidean", "normal", "segment_semantic"]

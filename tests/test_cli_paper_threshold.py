@@ -5,8 +5,8 @@ import json
 import torch
 from typer.testing import CliRunner
 
+from modsquad.checkpoint import save_model
 from modsquad.cli import app
-from modsquad.engine.checkpoint import save_model
 from modsquad.extract.standalone import file_sha256
 from modsquad.extract.usage import count_usage, save_usage, usage_report
 from modsquad.models import MultiTaskViT

@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from modsquad.config import config_from_dict, config_to_dict, effective_lr, load_config, save_config
-from modsquad.errors import ConfigError
+from modsquad.core.errors import ConfigError
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 SUITES = ("synthetic_tiny", "taskonomy_vit_s", "pascal_context_vit_s")

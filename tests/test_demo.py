@@ -58,8 +58,8 @@ def test_demo_cli_rejects_bad_options(tmp_path):
 
 
 def test_demo_never_deletes_a_foreign_run_folder(tmp_path):
+    from modsquad.core.errors import ConfigError
     from modsquad.demo import run_demo
-    from modsquad.errors import ConfigError
 
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "notes.txt").write_text("mine")

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from modsquad.config import load_config
-from modsquad.engine.trainer import train
 from modsquad.extract.export import extract
+from modsquad.train.trainer import train
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("synthetic_tiny*.yaml"))
 SHRINK = ["model.img_size=32", "model.overrides.embed_dim=32", "model.overrides.depth=2",

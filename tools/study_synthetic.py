@@ -30,16 +30,17 @@ import time
 from pathlib import Path
 
 import torch
+from modsquad.bench.compare import compare_runs, summary_markdown, write_compare
 from rich.console import Console
 
+from modsquad.checkpoint import load_model
 from modsquad.config import load_config
 from modsquad.data import synthesize
-from modsquad.engine import evaluate, train
-from modsquad.engine.checkpoint import load_model
-from modsquad.engine.compare import compare_runs, summary_markdown, write_compare
-from modsquad.engine.transfer import train_add_tasks
+from modsquad.evaluate import evaluate
 from modsquad.extract.usage import compute_usage, save_usage
 from modsquad.tasks import get_task
+from modsquad.train import train
+from modsquad.train.transfer import train_add_tasks
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"

@@ -41,7 +41,16 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..errors import CheckpointError, ConfigError, DataError, UnknownNameError
+from ..checkpoint import load_model, resolve_checkpoint
+from ..core.devices import resolve_device
+from ..core.errors import CheckpointError, ConfigError, UnknownNameError
+from ..data.from_config import eval_dataset, eval_loader, random_images
+from ..evaluate.evaluator import metric_kwargs
+from ..extract.standalone import file_sha256, load_extracted
+from ..extract.usage import routing_coverage
+from ..moe.dispatch import grouped_mm_supported
+from ..run import Run
+from ..tasks.metrics import MultiTaskMetrics
 
 FIELDS = ("params", "flops", "latency_ms", "throughput", "peak_mem_mb")
 
@@ -138,8 +147,6 @@ def _extra_flop_formulas() -> dict:
 @torch.inference_mode()
 def count_flops(fn: Callable[[torch.Tensor], Any], x: torch.Tensor) -> int:
     """Forward FLOPs of `fn(x)` (multiply-add = 2) for the whole batch `x`."""
-    from ..moe.dispatch import grouped_mm_supported
-
     for dtype in {x.dtype, torch.float32, torch.bfloat16}:  # run the cached grouped_mm probes outside the counter
         grouped_mm_supported(x.device, dtype)
     with FlopCounterMode(display=False, custom_mapping=_extra_flop_formulas()) as counter:
@@ -305,8 +312,6 @@ def _select_tasks(model: nn.Module, extracted: Path, tasks: Sequence[str] | None
 
 def _check_sources(subs: dict[str, nn.Module], ckpt_path: Path, extracted: Path) -> None:
     """CheckpointError when an extracted model was cut from another checkpoint than the one benchmarked."""
-    from ..extract.standalone import file_sha256
-
     sha = file_sha256(ckpt_path)
     for task, sub in subs.items():
         source = (getattr(sub, "info", None) or {}).get("source") or {}
@@ -414,42 +419,21 @@ def _val_data(ckpt_path: Path, model: nn.Module, data: str | Path | None, split:
     """Val batches for the metrics and the metric options, from the run's config.yaml (`data` replaces its
     data.root) or, for a bare checkpoint, from `data` read as Taskonomy layout; (None, {}) when there is no
     data to evaluate or `max_images` is 0."""
-    from ..data import build_dataset
-    from ..engine.evaluate import build_split, metric_kwargs, prepare_data_root, resolve_data_root
-
     if max_images <= 0:
         return None, {}
-    cfg_path = ckpt_path.parent / "config.yaml"
-    if cfg_path.is_file():
-        from ..config import load_config
-
-        cfg = resolve_data_root(load_config(cfg_path), cfg_path.parent)  # relative roots: to the run folder
-        if data is not None:
-            cfg.data.root = str(Path(data).absolute())
-        split = split or cfg.eval.split
-        root = prepare_data_root(cfg)
-        dataset = build_split(cfg, split, train=False, max_images=max_images, root=root)
-        kwargs = metric_kwargs(cfg, list(model.tasks))
-    elif data is not None:
-        root, split, kwargs = Path(data), split or "val", {}
-        if not root.is_dir():
-            raise DataError(f"--data {root} does not exist or is not a folder")
-        dataset = build_dataset("taskonomy", root, list(model.tasks), split, model.config["img_size"], train=False,
-                                max_images=max_images)
-    else:
+    cfg = Run.of(ckpt_path).config_or_none()
+    if cfg is None and data is None:
         return None, {}
-    if len(dataset) == 0:
-        raise DataError(f"{root}: the {split!r} split has no images")
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=False, num_workers=0)
-    return ValData(str(root), split, list(loader)), kwargs
+    dataset, source = eval_dataset(cfg, split, tasks=list(model.tasks), root=data, img_size=model.config["img_size"],
+                                   max_images=max_images)
+    kwargs = metric_kwargs(cfg, list(model.tasks)) if cfg is not None else {}
+    return ValData(source["root"], source["split"], list(eval_loader(dataset, batch))), kwargs
 
 
 def _heldout_coverage(model: nn.Module, subs: dict[str, nn.Module], val: ValData | None) -> dict[str, dict]:
     """Per task: how often the full model's routing on the evaluated images stays inside the extracted model's
     kept experts (`modsquad.extract.usage.routing_coverage`), and whether those images are held out (another
     split than the one usage was counted on). {} without evaluated images."""
-    from ..extract.usage import routing_coverage
-
     if val is None:
         return {}
     kept = {t: {name: layer["kept"] for name, layer in (sub.info.get("layers") or {}).items()}
@@ -464,12 +448,6 @@ def _heldout_coverage(model: nn.Module, subs: dict[str, nn.Module], val: ValData
                   "held_out": None if counted is None else counted != val.split,
                   "coverage": report[t]["coverage"], "tokens_covered": report[t]["tokens_covered"]}
     return out
-
-
-def _random_images(model: nn.Module, batch: int, device: torch.device) -> torch.Tensor:
-    size = model.config["img_size"]
-    h, w = (size, size) if isinstance(size, int) else size
-    return torch.randn(batch, model.config.get("in_chans", 3), h, w, generator=torch.Generator().manual_seed(0)).to(device)
 
 
 def _to_device(obj, device: torch.device):
@@ -487,8 +465,6 @@ def _evaluate(model: nn.Module, subs: dict[str, nn.Module], val: ValData | None,
 
     Without val data only the differences are measured, on `images`.
     """
-    from ..tasks.metrics import MultiTaskMetrics
-
     tasks = list(subs)
     diffs = dict.fromkeys(tasks, 0.0)
     pruned_m, full_m = MultiTaskMetrics(tasks, metric_kwargs), MultiTaskMetrics(tasks, metric_kwargs)
@@ -545,7 +521,7 @@ def benchmark(checkpoint: str | Path, extracted: str | Path, *, tasks: Sequence[
         extracted: directory with one `<task>/` per extracted model (`modsquad extract`).
         tasks: tasks to compare (default: every task of the model that was extracted).
         batch_sizes: (latency batch, throughput batch); one value uses the same batch for both.
-        device: "cpu", "cuda", "cuda:N".
+        device: "auto" (CUDA when there is one), "cpu", "cuda", "cuda:N".
         repeats, warmup: timed and untimed forwards per model and batch size.
         data: dataset root for the metrics (default: the run's config.yaml data.root); split: default the
             config's eval split, else "val"; max_images: cap on evaluated images (0 skips the metrics).
@@ -555,16 +531,13 @@ def benchmark(checkpoint: str | Path, extracted: str | Path, *, tasks: Sequence[
         progress: show a rich progress bar.
         compile: time `torch.compile`d models (compiled during warm-up; FLOPs, memory, metrics stay eager).
     """
-    from ..engine.checkpoint import load_model, resolve_checkpoint
-    from ..extract.standalone import load_extracted
-
     batch_sizes = tuple(int(b) for b in batch_sizes)
     if not batch_sizes or len(batch_sizes) > 2 or min(batch_sizes) < 1:
         raise ConfigError(f"--batch takes one or two batch sizes >= 1 (latency,throughput), got {batch_sizes}")
     if repeats < 1 or warmup < 0:
         raise ConfigError(f"--repeats must be >= 1 and --warmup >= 0, got {repeats} and {warmup}")
     b_lat, b_thr = batch_sizes[0], batch_sizes[-1]
-    device = torch.device(device)
+    device = resolve_device(device) if str(device) == "auto" else torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: this torch build or machine has no CUDA device")
     ckpt_path = resolve_checkpoint(checkpoint)
@@ -574,7 +547,7 @@ def benchmark(checkpoint: str | Path, extracted: str | Path, *, tasks: Sequence[
     subs = {t: load_extracted(extracted / t, map_location=device).eval() for t in tasks}
     _check_sources(subs, ckpt_path, extracted)
     val, metric_kwargs = _val_data(ckpt_path, model, data, split, max_images, b_thr)
-    images = val.images.to(device) if val is not None else _random_images(model, b_thr, device)
+    images = val.images.to(device) if val is not None else random_images(b_thr, model.config["img_size"], model.config.get("in_chans", 3)).to(device)
 
     dense = {t: dense_timm_baseline(model, t, tuple(images.shape[-2:])) for t in tasks} if dense_baseline else {}
     fns: dict[str, Callable[[torch.Tensor], Any]] = {"full": model}

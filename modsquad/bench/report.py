@@ -1,9 +1,10 @@
 """Write a benchmark result (see `modsquad.bench.benchmark`) as bench.json, bench.md and bench.png.
 
 bench.md is a Markdown table to paste in a paper (per task: full, pruned with pruned/full ratios, and when it
-was measured the dense timm baseline with the ratios pruned/dense and full/dense), bench.png shows grouped bars
-per task (params, FLOPs, latency: full, pruned, dense timm; primary metric: full vs pruned), and `summary_table`
-renders the same numbers as a rich table for the terminal. Results without a dense baseline render as before.
+was measured the dense timm baseline with the ratios pruned/dense and full/dense); bench.png shows grouped bars
+per task for params, FLOPs, latency, throughput and peak memory (full, pruned, dense timm) and the change of the
+primary metric of pruned vs full in % (bars that all sit at 100 would say nothing); `summary_table` renders the
+same numbers as a rich table for the terminal. Results without a dense baseline render without its rows/bars.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 from rich import box
 from rich.table import Table
 
+from ..core.atomic import atomic_write, ensure_dir
 from ..tasks import TASKS
 
 FIELD_KEYS = ("params", "flops", "latency_ms", "throughput", "peak_mem_mb")
@@ -22,7 +24,6 @@ DENSE_LABEL = "dense timm"
 DENSE_NOTE = ("dense timm: the baseline, a single-task dense timm VisionTransformer of the checkpoint's shape "
               "(no MoE, no task embedding) with the task's head and random weights, timed interleaved with full "
               "and pruned in this run; it has no metrics.")
-PLOT_FIELDS = (("params", "Parameters"), ("flops", "FLOPs / image"), ("latency_ms", "Latency (ms, batch {b})"))
 
 
 def human(n: float | None, digits: int = 3) -> str:
@@ -189,9 +190,23 @@ def _metric_ratio(entry: dict, metric: str | None) -> str:
     return _times(pruned / full) if full and pruned is not None else ""
 
 
+def metric_change(task: str, entry: dict) -> tuple[str | None, float | None, float | None, float | None]:
+    """(metric, full value, pruned value, change in %) of a task's primary metric: (pruned - full) / |full| x
+    100, sign-flipped for lower-is-better metrics so that a positive change always means pruned is better."""
+    name, full = primary_metric(task, entry["full"]["metrics"])
+    pruned = entry["metrics"].get(name) if name else None
+    if name is None or pruned is None or full is None or not full or not math.isfinite(full + pruned):
+        return name, full, pruned, None
+    spec = TASKS.get(task)
+    sign = -1.0 if spec is not None and spec.lower_is_better(name) else 1.0
+    return name, full, pruned, sign * 100.0 * (pruned - full) / abs(full)
+
+
 def plot(result: dict, path: str | Path) -> Path:
-    """bench.png: one panel per figure (params, FLOPs, latency, primary metric); bars per task: full, pruned and
-    (params, FLOPs, latency; when measured) the dense timm baseline."""
+    """bench.png: a 2 x 3 grid of panels - params, FLOPs, latency, throughput, peak memory (bars per task: full,
+    pruned and, when measured, the dense timm baseline; dashed: the full model on all tasks) and the primary
+    metric's change of pruned vs full in % (positive = better, absolute values annotated). One unit per axis;
+    the legend sits above the panels, never over ticks."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -200,62 +215,69 @@ def plot(result: dict, path: str | Path) -> Path:
     from matplotlib.ticker import EngFormatter
 
     tasks = list(result["tasks"])
-    panels = [(k, t.format(b=result["batch_sizes"]["latency"])) for k, t in PLOT_FIELDS]
-    has_metrics = any(result["tasks"][t]["metrics"] for t in tasks)
-    fig, axes = plt.subplots(1, len(panels) + has_metrics, figsize=(3.6 * (len(panels) + has_metrics), 3.6),
-                             squeeze=False)
+    b = result["batch_sizes"]
+    panels = [("params", "Parameters", "count"), ("flops", "FLOPs / image", "FLOPs"),
+              ("latency_ms", f"Latency, batch {b['latency']} (lower is better)", "ms"),
+              ("throughput", f"Throughput, batch {b['throughput']} (higher is better)", "images / s"),
+              ("peak_mem_mb", "Peak memory (lower is better)", "MB")]
+    fig, axes = plt.subplots(2, 3, figsize=(13.5, 7.6), squeeze=False)
     x = np.arange(len(tasks))
-    width = 0.38
     dense = [result["tasks"][t].get("dense_timm") for t in tasks]
     has_dense = any(d is not None for d in dense)
+    w = 0.27 if has_dense else 0.38
+    offsets = (-w, 0.0, w) if has_dense else (-w / 2, w / 2)
 
-    def bars(ax, full, pruned, title, baseline=None):
-        w = width if baseline is None else 0.27
-        offsets = (-w / 2, w / 2) if baseline is None else (-w, 0.0)
-        ax.bar(x + offsets[0], full, w, label="full", color="#9e9e9e")
-        ax.bar(x + offsets[1], pruned, w, label="pruned", color="#2e7d32")
-        if baseline is not None:
-            ax.bar(x + w, baseline, w, label=DENSE_LABEL, color="#1565c0")
-        ax.set_title(title, fontsize=10)
+    def task_ticks(ax, labels):
         ax.set_xticks(x)
-        ax.tick_params(axis="x", labelsize=7, rotation=30)
+        ax.set_xticklabels(labels, rotation=25, ha="right", fontsize=8)
         ax.grid(axis="y", alpha=0.3)
 
-    for ax, (key, title) in zip(axes[0], panels, strict=False):
-        baseline = [np.nan if d is None else d[key] for d in dense] if has_dense else None
-        bars(ax, [result["tasks"][t]["full"][key] for t in tasks], [result["tasks"][t][key] for t in tasks], title,
-             baseline)
-        ax.axhline(result["full"][key], color="#616161", linestyle="--", linewidth=1, label="full, all tasks")
-        ax.set_xticklabels(tasks, ha="right")
-        if key != "latency_ms":
+    for ax, (key, title, unit) in zip(axes.flat, panels, strict=False):
+        full = [result["tasks"][t]["full"].get(key) for t in tasks]
+        pruned = [result["tasks"][t].get(key) for t in tasks]
+        as_float = [[np.nan if v is None else float(v) for v in vals] for vals in (full, pruned)]
+        ax.bar(x + offsets[0], as_float[0], w, label="full", color="#9e9e9e")
+        ax.bar(x + offsets[1], as_float[1], w, label="pruned", color="#2e7d32")
+        if has_dense:
+            ax.bar(x + offsets[2], [np.nan if d is None or d.get(key) is None else d[key] for d in dense], w,
+                   label=DENSE_LABEL, color="#1565c0")
+        if result["full"].get(key) is not None:
+            ax.axhline(result["full"][key], color="#616161", linestyle="--", linewidth=1, label="full, all tasks")
+        ax.set_title(title, fontsize=10)
+        ax.set_ylabel(unit, fontsize=9)
+        if key in ("params", "flops"):
             ax.yaxis.set_major_formatter(EngFormatter(sep=""))
-    if has_metrics:
-        # Metrics differ in scale between tasks: bars are relative to the full model (= 100), labels absolute.
-        ax = axes[0][-1]
-        names, rel_full, rel_pruned, labels = [], [], [], []
-        for t in tasks:
-            name, full = primary_metric(t, result["tasks"][t]["full"]["metrics"])
-            pruned = result["tasks"][t]["metrics"].get(name) if name else None
-            names.append(f"{t}\n({name})")
-            ok = full not in (None, 0) and pruned is not None
-            rel_full.append(100.0 if ok else np.nan)
-            rel_pruned.append(100.0 * pruned / full if ok else np.nan)
-            labels.append((full, pruned))
-        bars(ax, rel_full, rel_pruned, "Primary metric (val, full = 100)")
-        ax.set_xticklabels(names, ha="right")
-        for i, (full, pruned) in enumerate(labels):
-            for dx, value, height in ((-width / 2, full, rel_full[i]), (width / 2, pruned, rel_pruned[i])):
-                if value is not None:
-                    y = 0.0 if np.isnan(height) else height
-                    ax.annotate(f"{value:.3g}", (i + dx, y), xytext=(0, 2), textcoords="offset points",
-                                ha="center", va="bottom", fontsize=6, rotation=90)
-        ax.set_ylim(0, 1.3 * max([100.0, *[v for v in rel_pruned if not np.isnan(v)]]))
-    handles, legend_labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, legend_labels, loc="upper right", fontsize=8, ncol=len(handles))
-    fig.suptitle(f"modsquad bench ({result['device']}, torch {result['torch']})", fontsize=11)
-    fig.tight_layout()
+        task_ticks(ax, tasks)
+    ax = axes.flat[5]
+    changes = [metric_change(t, result["tasks"][t]) for t in tasks]
+    if any(c[3] is not None for c in changes):
+        values = np.array([np.nan if c[3] is None else c[3] for c in changes])
+        colors = ["#2e7d32" if v >= 0 else "#c62828" for v in np.nan_to_num(values)]
+        ax.bar(x, values, 0.5, color=colors)
+        ax.axhline(0.0, color="black", linewidth=0.8)
+        span = max(1.0, float(np.nanmax(np.abs(values))) if np.isfinite(values).any() else 1.0)
+        ax.set_ylim(-1.45 * span, 1.45 * span)
+        for i, (_, full, pruned, change) in enumerate(changes):
+            if change is None:
+                ax.annotate("n/a", (i, 0.0), ha="center", va="bottom", fontsize=7)
+                continue
+            label = "\u00b10.0%" if abs(change) < 0.05 else f"{change:+.1f}%"
+            ax.annotate(f"{label}\n{pruned:.3g} vs {full:.3g}", (i, change),
+                        xytext=(0, 3 if change >= 0 else -3), textcoords="offset points", ha="center",
+                        va="bottom" if change >= 0 else "top", fontsize=7)
+        ax.set_title("Primary metric, pruned vs full (+ = better)", fontsize=10)
+        ax.set_ylabel("change vs full (%)", fontsize=9)
+        task_ticks(ax, [f"{t}\n({c[0]})" if c[0] else t for t, c in zip(tasks, changes, strict=True)])
+    else:
+        ax.axis("off")
+        ax.text(0.5, 0.5, "no metrics measured", ha="center", va="center", fontsize=9, transform=ax.transAxes)
+    handles, legend_labels = axes.flat[0].get_legend_handles_labels()
+    fig.suptitle(f"modsquad bench ({result['device']}, torch {result['torch']})", fontsize=11, y=0.995)
+    fig.legend(handles, legend_labels, loc="upper center", bbox_to_anchor=(0.5, 0.955), fontsize=9,
+               ncol=len(handles), frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 0.92))
     path = Path(path)
-    fig.savefig(path, dpi=120, format="png")
+    fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
     return path
 
@@ -273,8 +295,6 @@ def _json_safe(value):
 
 def write_report(result: dict, out: str | Path) -> dict[str, Path]:
     """Write bench.json, bench.md and bench.png under `out`; returns {"json", "md", "png"} -> path."""
-    from ..core.atomic import atomic_write, ensure_dir
-
     out = ensure_dir(out, "bench --out")
     text, md = json.dumps(_json_safe(result), indent=2, allow_nan=False) + "\n", markdown(result)
     # each file atomically: a kill leaves the previous report's file or the new one, never a torn one

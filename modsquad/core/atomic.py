@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..errors import OutputPathError
+from .errors import OutputPathError
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import DataError, UnknownNameError
+from ..core.errors import DataError, UnknownNameError
 from ..tasks.registry import PASCAL_CONTEXT_TASKS, class_vector_problem, decode_depth, decode_unit16
 from . import pascal_context as pc
 from .io import read_any, read_rgb
@@ -199,7 +199,7 @@ def check_dataset(root: str | Path, format: str = "taskonomy", tasks: Sequence[s
     """
     root = Path(root)
     if not root.is_dir():
-        raise DataError(f"dataset root {root} does not exist")
+        raise DataError(f"dataset root {root} " + ("is a file, not a folder" if root.exists() else "does not exist"))
     fmt = normalise_format(format)
     if fmt == "pascal_context":
         return _check_pascal(root, tasks, split, max_samples)

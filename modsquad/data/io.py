@@ -11,7 +11,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from ..errors import DataError
+from ..core.errors import DataError
 
 _JPEG_EOI = b"\xff\xd9"
 

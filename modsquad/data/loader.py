@@ -7,7 +7,7 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
-from ..errors import DataError
+from ..core.errors import DataError
 from .check import normalise_format
 from .pascal_context import PascalContextDataset
 from .synthetic import INFO_FILE
@@ -37,7 +37,7 @@ def build_dataset(format: str, root: str | Path, tasks: Sequence[str], split: st
     if fmt == "synthetic" and not (root / INFO_FILE).is_file():
         raise DataError(f"{root} holds no synthetic suite; make one with `modsquad data synth {root}`")
     if not root.is_dir():
-        raise DataError(f"dataset root {root} does not exist")
+        raise DataError(f"dataset root {root} " + ("is a file, not a folder" if root.exists() else "does not exist"))
     if fmt == "pascal_context":
         return PascalContextDataset(root, tasks, split or "train", img_size, train, max_images=max_images,
                                     on_error=on_error, **kw)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import DataError, UnknownNameError
+from ..core.errors import DataError, UnknownNameError
 from ..tasks.registry import IGNORE_INDEX, PASCAL_CONTEXT_TASKS, get_task
 from .io import read_label_png, read_mat, read_rgb
 from .taskonomy import ON_ERROR, SkippingDataset, evenly_spaced, finish_targets

@@ -32,7 +32,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from ..errors import DataError
+from ..core.errors import DataError
 from ..tasks.registry import IGNORE_INDEX, get_task
 from .io import write_image
 
@@ -49,9 +49,6 @@ DOMAINS = ("rgb", "depth_euclidean", "depth_zbuffer", "normal", "reshading", "pr
 #: (3-D corners) instead of NARF on the mesh; segment_unsup25d ranks surface patches (one per primitive face) by
 #: depth, segment_unsup2d ranks patches of uniform texture phase by area, instead of graph-cut clusters.
 PROXY_DOMAINS = ("keypoints3d", "segment_unsup2d", "segment_unsup25d")
-#: Taskonomy domains the suite does not produce.
-UNSUPPORTED_DOMAINS = ("point_info", "room_layout", "vanishing_point", "fragmentation", "nonfixated_matches",
-                       "mask_valid", "rgb_large")
 
 #: The 16 indoor COCO classes of segment_semantic; class i has id i + 2 (0 = uncertain, 1 = background/room).
 SEMANTIC_CLASSES = ("chair", "couch", "potted_plant", "bed", "dining_table", "toilet", "tv", "microwave", "oven",

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..errors import DataError, UnknownNameError
+from ..core.errors import DataError, UnknownNameError
 from ..tasks.registry import IGNORE_INDEX, TaskSpec, decode_mask_valid, depth_has_mesh, get_task, list_tasks
 from .io import read_any, read_image, read_rgb
 from .transforms import JointTransform
@@ -28,7 +28,6 @@ log = logging.getLogger(__name__)
 FILE_RE = re.compile(r"^point_(\d+)_view_(\d+)_domain_([A-Za-z0-9_]+)\.(png|npy|jpg|jpeg)$")
 NESTED = "taskonomy"  # omnidata layout: ROOT/<domain>/taskonomy/<building>/
 SPLITS_DIR = Path(__file__).resolve().parents[2] / "data" / "splits"
-SPLIT_SETS = ("tiny", "medium", "full", "fullplus")
 ON_ERROR = ("raise", "skip")
 #: Folder of the per-pixel validity masks the omnidata downloader ships (files `..._domain_depth_zbuffer.png`).
 MASK_VALID = "mask_valid"

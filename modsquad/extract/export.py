@@ -20,10 +20,16 @@ from copy import deepcopy
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
+from ..checkpoint import load_model, resolve_checkpoint
 from ..core.atomic import publish, staging_dir
-from ..errors import CheckpointError, ConfigError, DataError, OutputPathError, UnknownNameError
+from ..core.devices import resolve_device
+from ..core.errors import CheckpointError, ConfigError, DataError, OutputPathError, UnknownNameError
+from ..core.version import __version__
+from ..data.from_config import random_images
+from ..tasks.visualize import output_meaning
 from .prune import check_selection, count_params, extract_task, select_experts
 from .standalone import (
     CONFIG_NAME,
@@ -36,6 +42,7 @@ from .standalone import (
     fold_moe_layers,
 )
 from .usage import (
+    batch_images,
     check_usage_matches,
     count_usage,
     default_splits,
@@ -47,7 +54,7 @@ from .usage import (
     usage_report,
 )
 
-ONNX_OPSET = 17
+ONNX_OPSET = 18  # Resize with antialias (the position embedding's bicubic resampling)
 ONNX_ATOL = 1e-4
 CHECK_IMAGES = 4
 HELDOUT_IMAGES = 64
@@ -65,18 +72,37 @@ def task_spec_dict(spec) -> dict:
             "description": spec.description}
 
 
+def preprocessing_dict(sub: ExtractedModel) -> dict:
+    """What the caller must do to an image before `sub(images)` (and the ONNX model), as plain JSON: RGB, NCHW
+    float32, pixel values scaled to [0, 1] and then normalised per channel with `mean` / `std`, at any height and
+    width that are multiples of `patch_size` (`input_size` is what it was trained at). Models with
+    `input_norm: minus1_1` take the same input and map it to [-1, 1] inside the model."""
+    cfg = sub.pretrained_cfg
+    internal = cfg["input_norm"]
+    return {"channel_order": "RGB", "layout": "NCHW", "dtype": "float32", "value_range": [0.0, 1.0],
+            "mean": list(cfg["mean"]), "std": list(cfg["std"]), "normalize": "(x - mean) / std per channel",
+            "input_size": list(cfg["input_size"]), "patch_size": cfg["patch_size"],
+            "size_multiple": cfg["patch_size"], "interpolation": cfg["interpolation"],
+            "inside_model": ("nothing more" if internal == "imagenet" else
+                             "maps the normalised input back to [0, 1] and then to [-1, 1] (input_norm minus1_1)")}
+
+
+def model_io(sub: ExtractedModel) -> dict:
+    """{"preprocessing": ..., "output": ...}: what goes in (`preprocessing_dict`) and what comes out
+    (`modsquad.tasks.visualize.output_meaning`: task, kind, channels, units, value range, class names)."""
+    return {"preprocessing": preprocessing_dict(sub), "output": output_meaning(sub.spec)}
+
+
 def save_extracted(sub: ExtractedModel, out_dir: str | os.PathLike, info: Mapping) -> Path:
-    """Write `model.safetensors` and `config.json` (info + task, architecture and weights hash) into `out_dir`."""
-    from safetensors.torch import save_file
-
-    from .. import __version__
-
+    """Write `model.safetensors` and `config.json` (info + task, architecture, preprocessing, output meaning and
+    weights hash) into `out_dir`."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = out_dir / WEIGHTS_NAME
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in sub.model.state_dict().items()}
     config = json.loads(json.dumps({"format": EXTRACTED_FORMAT, "version": __version__, "task": sub.task,
-                                    "task_spec": task_spec_dict(sub.spec), **info}))  # as it reads back
+                                    "task_spec": task_spec_dict(sub.spec), **info,
+                                    **model_io(sub)}))  # as it reads back
     # the weights carry the config's hash and the config the weights' hash: editing either file is caught
     save_file(state, str(weights), metadata={"format": EXTRACTED_FORMAT, "task": sub.task,
                                              "config_sha256": config_sha256(config)})
@@ -99,41 +125,95 @@ def onnx_module(sub: ExtractedModel) -> nn.Module:
     return sub
 
 
+def _onnx_sizes(sub: ExtractedModel, img_size: int | Sequence[int] | None) -> list[tuple[int, int]]:
+    """The sizes an export is checked at: the built (or given) size and one that differs in both sides."""
+    size = img_size if img_size is not None else sub.img_size
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    p = sub.model.patch_size
+    return [(h, w), (h + 2 * p, w + p)]
+
+
+def _name_dims(path: str | os.PathLike, sub: ExtractedModel) -> None:
+    """Input [batch, C, height, width]; output [batch, C, height, width] (dense) or [batch, classes], with the
+    channel / class count concrete, written into the saved ONNX file, plus the io description as metadata."""
+    import onnx
+
+    model = onnx.load(str(path))
+    names = {0: "batch", 2: "height", 3: "width"}
+    channels = {1: sub.model.in_chans}
+    for value, fixed in ((model.graph.input[0], channels), (model.graph.output[0], {1: sub.spec.channels})):
+        for i, dim in enumerate(value.type.tensor_type.shape.dim):
+            if i in fixed:
+                dim.dim_value = fixed[i]
+            elif i in names:
+                dim.dim_param = names[i]
+    io = model_io(sub)
+    pre, out = io["preprocessing"], io["output"]
+    props = {"modsquad.preprocessing": json.dumps(pre), "modsquad.output": json.dumps(out),
+             "modsquad.version": __version__, "task": sub.task, "kind": out["kind"], "units": out["units"],
+             "mean": json.dumps(pre["mean"]), "std": json.dumps(pre["std"]), "channel_order": pre["channel_order"],
+             "value_range": json.dumps(pre["value_range"]), "input_size": json.dumps(pre["input_size"]),
+             "patch_size": str(pre["patch_size"])}
+    onnx.helper.set_model_props(model, props)
+    onnx.save(model, str(path))
+
+
 def export_onnx(sub: ExtractedModel, path: str | os.PathLike, img_size: int | Sequence[int] | None = None,
                 opset: int = ONNX_OPSET, batch_sizes: Sequence[int] = (1, 3), atol: float = ONNX_ATOL) -> dict:
-    """Export `sub` to ONNX with a dynamic batch axis and check it against PyTorch with onnxruntime (CPU).
+    """Export `sub` to ONNX with dynamic batch, height and width and check it against PyTorch with onnxruntime.
 
-    Inputs "images" [batch, 3, H, W] at the model's img_size, output "prediction". Returns {"file", "opset",
-    "max_abs_diff", "batch_sizes"}; RuntimeError if onnxruntime disagrees with PyTorch by more than `atol`.
+    Input "images" [batch, 3, height, width] (height and width any multiples of the patch size; the position
+    embedding is resampled inside the graph), output "prediction" [batch, C, height, width] (dense) or [batch,
+    classes]. The file's metadata_props hold the preprocessing and the output's meaning (`model_io`). Checked
+    (CPU) at two sizes (the built one and one differing in both sides) and `batch_sizes`. Returns {"file",
+    "opset", "max_abs_diff", "batch_sizes", "sizes"}; RuntimeError if onnxruntime disagrees with PyTorch by more
+    than `atol`.
     """
+    import logging
     import warnings
 
     import onnxruntime as ort
 
-    img_size = img_size if img_size is not None else sub.img_size
-    h, w = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+    sizes = _onnx_sizes(sub, img_size)
+    p = sub.model.patch_size
     module = onnx_module(sub).cpu().float()
     reference = deepcopy(sub).cpu().float().eval()
     in_chans = sub.model.in_chans
     gen = torch.Generator().manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tracer / deprecation warnings about shape asserts we do not depend on
-        torch.onnx.export(module, (torch.randn(2, in_chans, h, w, generator=gen),), str(path), dynamo=False,
-                          input_names=["images"], output_names=["prediction"], opset_version=opset,
-                          dynamic_axes={"images": {0: "batch"}, "prediction": {0: "batch"}})
+    (h, w), example = sizes[0], sizes[1]
+    grid = torch.export.Dim("grid_h", min=1, max=1024), torch.export.Dim("grid_w", min=1, max=1024)
+    dynamic = {"images": {0: torch.export.Dim("batch", min=1, max=4096), 2: p * grid[0], 3: p * grid[1]}}
+    loggers = [logging.getLogger(n) for n in ("onnxscript", "torch.onnx", "torch.export", "torch._dynamo")]
+    levels = [lg.level for lg in loggers]
+    try:
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # exporter chatter about shape guards we do not depend on
+            program = torch.onnx.export(module, (torch.randn(2, in_chans, *example, generator=gen),), dynamo=True,
+                                        input_names=["images"], output_names=["prediction"], opset_version=opset,
+                                        dynamic_shapes=dynamic, verbose=False)
+            program.save(str(path))
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+    _name_dims(path, sub)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     diff = 0.0
-    for b in batch_sizes:
-        x = torch.randn(b, in_chans, h, w, generator=gen)
+    checks = [(b, h, w) for b in batch_sizes] + [(2, *size) for size in sizes[1:]]
+    for b, hh, ww in checks:
+        x = torch.randn(b, in_chans, hh, ww, generator=gen)
         with torch.no_grad():
             expected = reference(x)
         got = torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
         if got.shape != expected.shape:
-            raise RuntimeError(f"ONNX output shape {tuple(got.shape)} != PyTorch {tuple(expected.shape)} at batch {b}")
+            raise RuntimeError(f"ONNX output shape {tuple(got.shape)} != PyTorch {tuple(expected.shape)} at "
+                               f"input {b}x{in_chans}x{hh}x{ww}")
         diff = max(diff, (got - expected).abs().max().item())
     if not diff <= atol:
         raise RuntimeError(f"ONNX export of {sub.task!r} differs from PyTorch by {diff:.3g} (> {atol})")
-    return {"file": ONNX_NAME, "opset": opset, "max_abs_diff": diff, "batch_sizes": list(batch_sizes)}
+    return {"file": ONNX_NAME, "opset": opset, "max_abs_diff": diff, "batch_sizes": list(batch_sizes),
+            "sizes": [list(s) for s in sizes], "dynamic_axes": ["batch", "height", "width"]}
 
 
 # --- extraction ---------------------------------------------------------------------------------------------
@@ -165,8 +245,6 @@ def extract_standalone(model: nn.Module, task: str, counts: Mapping[str, Sequenc
 
 def _first_images(model: nn.Module, loader, n: int) -> torch.Tensor | None:
     """Up to n images from the first batches of `loader` (None when there is no loader or no image)."""
-    from .usage import batch_images
-
     if loader is None:
         return None
     parts, have = [], 0
@@ -177,12 +255,6 @@ def _first_images(model: nn.Module, loader, n: int) -> torch.Tensor | None:
         if have >= n:
             break
     return torch.cat(parts) if have else None
-
-
-def _random_images(model: nn.Module, n: int) -> torch.Tensor:
-    size = model.config["img_size"]
-    h, w = (size, size) if isinstance(size, int) else tuple(size)
-    return torch.randn(n, model.in_chans, h, w, generator=torch.Generator().manual_seed(0))
 
 
 def extract(checkpoint: str | os.PathLike, out: str | os.PathLike, *, tasks: Sequence[str] | None = None,
@@ -206,9 +278,6 @@ def extract(checkpoint: str | os.PathLike, out: str | os.PathLike, *, tasks: Seq
     ones when usage came from a file and no data is at hand, random ones without any data; `check_images` says
     which). A summary also holds the kept experts per layer, parameter counts and the ONNX check.
     """
-    from ..engine.checkpoint import load_model, resolve_checkpoint
-    from ..engine.distributed import resolve_device
-
     check_selection(threshold, mass)
     for name, value in (("check_images", check_images), ("heldout_images", heldout_images),
                         ("max_images", max_images), ("batch_size", batch_size)):
@@ -268,7 +337,8 @@ def extract(checkpoint: str | os.PathLike, out: str | os.PathLike, *, tasks: Seq
     elif held_imgs is not None:
         check, check_kind = held_imgs, f"held-out {heldout_name} images"
     else:
-        check, check_kind = _random_images(model, check_images), "random images (no data given)"
+        check = random_images(check_images, model.config["img_size"], model.in_chans)
+        check_kind = "random images (no data given)"
     with torch.no_grad():
         full_out = model(check.to(device_), tasks=tasks)
         held_full = model(held_imgs.to(device_), tasks=tasks) if held_imgs is not None else None

@@ -28,7 +28,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..core.errors import ConfigError
+from ..models import build_model_from_config
 from ..moe import MoELayer, experts_for_mass, experts_over_threshold
 
 #: Mod-Squad's pruning rule (main_pruning.py / models_mt.py `pruning`): keep an expert if its usage share in
@@ -128,8 +129,6 @@ def extract_task(model: nn.Module, task: str, kept: Mapping[str, Sequence[int]])
     the task's row of the task embedding, the task's head and every shared weight unchanged. Returned in eval
     mode on the model's device.
     """
-    from ..models import build_model_from_config
-
     t = model.task_index(task)
     sliced = _sliced_layers(model, t, kept)
     sub = build_model_from_config(_config_for(model, task, sliced))

@@ -24,10 +24,15 @@ import os
 from pathlib import Path
 
 import torch
+from huggingface_hub import ModelHubMixin
+from safetensors import safe_open
+from safetensors.torch import load_file
 from torch import nn
 
-from ..errors import CheckpointError, UserError
-from ..moe import FoldedMoEAttention, MoEAttention, MoEMlp
+from ..core.errors import CheckpointError, UserError
+from ..models import build_model_from_config
+from ..moe import FoldedMoEAttention, MoEAttention
+from ..tasks import TASKS, TaskSpec, register_task
 
 EXTRACTED_FORMAT = "modsquad-extracted"
 CONFIG_NAME = "config.json"
@@ -35,19 +40,8 @@ WEIGHTS_NAME = "model.safetensors"
 ONNX_NAME = "model.onnx"
 
 
-def fixed_routing(layer: nn.Module, task: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(expert ids [k], weights [k]) that a layer whose router has `fixed_routing` gives every token of task
-    `task` in eval."""
-    return layer.router.fixed_choice(task)
-
-
-def fold_moe_mlp(layer: MoEMlp) -> nn.Module:
-    """A dense MLP equal (in eval) to a one-task MoE MLP with fixed routing: hidden = k * expert_hidden."""
-    return layer.fold()
-
-
 def fold_moe_attention(layer: MoEAttention) -> FoldedMoEAttention:
-    """A `FoldedMoEAttention` equal (in eval) to a one-task MoE attention layer with fixed routing."""
+    """A `FoldedMoEAttention` equal (in eval) to a one-task MoE attention layer with fixed routing (`layer.fold()`)."""
     return layer.fold()
 
 
@@ -67,11 +61,14 @@ def fold_moe_layers(model: nn.Module) -> list[str]:
     return folded
 
 
-class ExtractedModel(nn.Module):
+class ExtractedModel(nn.Module, ModelHubMixin, library_name="modsquad",
+                     tags=["modsquad", "mixture-of-experts", "multi-task", "vision"]):
     """A single-task model: `sub(images [B, 3, H, W]) -> Tensor` ([B, C, H, W] dense, [B, classes] otherwise).
 
     Wraps a one-task `MultiTaskViT` (`self.model`), possibly with folded MoE layers. `info` is the extracted
-    model's config.json (task spec, kept experts, source checkpoint).
+    model's config.json (task spec, kept experts, source checkpoint, preprocessing, output meaning).
+    Hugging Face Hub: `sub.save_pretrained(dir)`, `sub.push_to_hub("user/name")` and
+    `ExtractedModel.from_pretrained("user/name" or dir)` write / read the same two files as `modsquad extract`.
     """
 
     def __init__(self, model: nn.Module, info: dict | None = None):
@@ -91,8 +88,36 @@ class ExtractedModel(nn.Module):
         feats, grid = self.model.forward_features(images, [self.task])
         return self.model.heads[self.task](feats[0], grid)
 
+    @property
+    def pretrained_cfg(self) -> dict:
+        """timm-style input description (see `MultiTaskViT.pretrained_cfg`), for `timm.data.resolve_data_config`."""
+        return {**self.model.pretrained_cfg, "task": self.task}
+
     def extra_repr(self) -> str:
         return f"task={self.task!r}"
+
+    # --- Hugging Face Hub (huggingface_hub.ModelHubMixin) -----------------------------------------------
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        """config.json + model.safetensors, as `modsquad extract` writes them (the mixin adds a README.md)."""
+        from .export import save_extracted
+
+        keep = ("format", "version", "task", "task_spec", "weights_sha256")
+        save_extracted(self, save_directory, {k: v for k, v in self.info.items() if k not in keep})
+
+    @classmethod
+    def _from_pretrained(cls, *, model_id: str, revision: str | None, cache_dir, force_download: bool,
+                         local_files_only: bool, token, map_location: str | torch.device = "cpu",
+                         **kwargs) -> ExtractedModel:
+        """A local extracted-model folder, or a Hub repo holding one (only its two files are downloaded)."""
+        if Path(model_id).is_dir():
+            return load_extracted(model_id, map_location=map_location)
+        from huggingface_hub import snapshot_download
+
+        folder = snapshot_download(repo_id=model_id, revision=revision, cache_dir=cache_dir, token=token,
+                                   force_download=force_download, local_files_only=local_files_only,
+                                   allow_patterns=[CONFIG_NAME, WEIGHTS_NAME])
+        return load_extracted(folder, map_location=map_location)
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -134,8 +159,6 @@ def read_extracted_config(path: str | os.PathLike) -> dict:
 
 def _ensure_task_registered(spec: dict) -> None:
     """Register the stored task spec when this installation does not know the task (e.g. a custom task)."""
-    from ..tasks import TASKS, TaskSpec, register_task
-
     if spec["name"] in TASKS:
         return
     fields = {k: spec[k] for k in ("name", "channels", "kind", "loss", "primary", "suite", "description") if k in spec}
@@ -144,8 +167,6 @@ def _ensure_task_registered(spec: dict) -> None:
 
 def build_extracted(info: dict) -> ExtractedModel:
     """The architecture described by an extracted config.json (weights as initialised, not loaded)."""
-    from ..models import build_model_from_config
-
     _ensure_task_registered(info["task_spec"])
     model = build_model_from_config(info["model_config"])
     if model.tasks != [info["task"]]:
@@ -162,9 +183,6 @@ def load_extracted(path: str | os.PathLike, map_location: str | torch.device = "
     truncated or swapped file is caught), that config.json has the sha256 recorded in the weights' metadata (so
     an edited config is caught) and that every weight fits the architecture; CheckpointError otherwise.
     """
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
     path = Path(path)
     info = read_extracted_config(path)
     weights = path / WEIGHTS_NAME

@@ -26,8 +26,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import CheckpointError, ConfigError, DataError
+from ..checkpoint import load_model, resolve_checkpoint
+from ..core.atomic import atomic_write
+from ..core.devices import resolve_device
+from ..core.errors import CheckpointError, ConfigError
+from ..data.from_config import eval_dataset
+from ..data.from_config import eval_loader as make_loader
 from ..moe import experts_for_mass_count
+from ..run import Run
 from .standalone import file_sha256
 
 USAGE_FORMAT = "modsquad-usage"
@@ -112,20 +118,9 @@ def usage_report(model: nn.Module, counts: Mapping[str, Mapping[str, Sequence[in
 
 # --- data ---------------------------------------------------------------------------------------------------
 
-def run_config_path(checkpoint: Path) -> Path:
-    """`config.yaml` of the run a checkpoint file belongs to (next to it)."""
-    return checkpoint.parent / "config.yaml"
-
-
 def load_run_config(checkpoint: Path):
-    """The run's config.yaml next to the checkpoint (relative data.root resolved against the run), or None."""
-    cfg_path = run_config_path(checkpoint)
-    if not cfg_path.is_file():
-        return None
-    from ..config import load_config
-    from ..engine.evaluate import resolve_data_root
-
-    return resolve_data_root(load_config(cfg_path, []), cfg_path.parent)
+    """The config.yaml of the run the checkpoint belongs to (data.root resolved against the run), or None."""
+    return Run.of(checkpoint).config_or_none()
 
 
 def default_splits(cfg) -> tuple[str, str]:
@@ -151,42 +146,17 @@ def eval_loader(model: nn.Module, checkpoint: Path, *, data: str | os.PathLike |
     `data` reads another data set root (format `data_format`, default the run's or "taskonomy"). A missing
     root is a DataError that says how to make it: nothing is rendered here.
     """
-    from torch.utils.data import DataLoader
-
-    from ..data import build_dataset
-    from ..engine.evaluate import prepare_data_root
-
     cfg = load_run_config(checkpoint)
     if cfg is None and data is None:
         raise ConfigError(f"{checkpoint}: no run config.yaml next to the checkpoint to find its data; "
-                          f"give the data with --data ROOT [--format F] (or a usage.json with --usage)")
-    if max_images is not None and max_images < 1:
-        raise ConfigError(f"max_images must be at least 1, got {max_images}")
+                          f"give the data with --data-root ROOT [--format F] (or a usage.json with --usage)")
     if batch_size is not None and batch_size < 1:
         raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
-    if data is not None:
-        root = Path(data)
-        if not root.is_dir():
-            raise DataError(f"data root {root} does not exist or is not a folder")
-        data_format = data_format or (cfg.data.format if cfg is not None else "taskonomy")
-    else:
-        root = prepare_data_root(cfg)
-        data_format = data_format or cfg.data.format
-    split = split or default_splits(cfg)[0]
-    if cfg is not None and max_images is None:
-        max_images = cfg.eval.max_images
-    extra = {"split_set": cfg.data.split_set, "on_error": cfg.data.on_error} if cfg is not None else {}
     # no tasks: routing needs the images only, so labels are neither read nor required
-    try:
-        dataset = build_dataset(data_format, str(root), [], split, model.config["img_size"], train=False,
-                                max_images=max_images, **extra)
-    except FileNotFoundError as e:
-        raise DataError(f"{data_format} data at {root}: {e}") from None
-    if len(dataset) == 0:
-        raise DataError(f"{data_format} data at {root}: split {split!r} has no images")
+    dataset, source = eval_dataset(cfg, split or default_splits(cfg)[0], tasks=[], root=data, format=data_format,
+                                   img_size=model.config["img_size"], max_images=max_images)
     bs = batch_size or ((cfg.eval.batch_size or cfg.data.batch_size) if cfg is not None else 8)
-    loader = DataLoader(dataset, batch_size=bs, shuffle=False, num_workers=workers)
-    return loader, {"format": data_format, "root": str(root), "split": split}
+    return make_loader(dataset, bs, workers), source
 
 
 def compute_usage(checkpoint: str | os.PathLike, *, data: str | os.PathLike | None = None,
@@ -198,9 +168,6 @@ def compute_usage(checkpoint: str | os.PathLike, *, data: str | os.PathLike | No
 
     `model` may pass the already loaded checkpoint to save loading it twice.
     """
-    from ..engine.checkpoint import load_model, resolve_checkpoint
-    from ..engine.distributed import resolve_device
-
     path = resolve_checkpoint(checkpoint)
     model = model if model is not None else load_model(path)
     if not model.moe_layers():
@@ -217,8 +184,6 @@ def compute_usage(checkpoint: str | os.PathLike, *, data: str | os.PathLike | No
 
 def save_usage(report: Mapping, out_dir: str | os.PathLike) -> tuple[Path, Path]:
     """Write `usage.json` and `usage.png` into `out_dir`, each atomically; returns both paths."""
-    from ..engine.checkpoint import atomic_write
-
     out_dir = Path(out_dir)
     json_path = atomic_write(out_dir / USAGE_JSON, lambda p: p.write_text(json.dumps(report, indent=1)))
     png_path = atomic_write(out_dir / USAGE_PNG, lambda p: plot_usage(report, p))
@@ -257,16 +222,20 @@ def check_usage_matches(report: Mapping, model: nn.Module, source: str = "usage"
                                       f"({info['num_experts']} experts); was it counted on another checkpoint?")
 
 
-def plot_usage(report: Mapping, path: str | os.PathLike) -> None:
+def plot_usage(report: Mapping, path: str | os.PathLike,
+               kept: Mapping[str, Mapping[str, Sequence[int]]] | None = None) -> None:
     """usage.png: per MoE layer a task x expert heatmap of the share of each task's tokens that pick the expert.
 
     A token picks top_k experts, so a row sums to top_k; 1.0 means every token of the task uses the expert.
+    Experts a task never picks are crossed (x). `kept` ({task: {layer: expert ids}}, from extraction) outlines
+    the cells of the experts each task's extraction kept.
     """
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
     import numpy as np
+    from matplotlib.patches import Rectangle
 
     tasks, layers = report["tasks"], report["layers"]
     n = max(len(layers), 1)
@@ -285,6 +254,10 @@ def plot_usage(report: Mapping, path: str | os.PathLike) -> None:
         image = ax.imshow(rate, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto", interpolation="nearest")
         never_t, never_e = np.nonzero(counts == 0)  # experts the task never picks: dropped by extraction
         ax.scatter(never_e, never_t, marker="x", s=12, linewidths=0.8, color="white")
+        for row, task in enumerate(tasks):
+            for e in (kept or {}).get(task, {}).get(info["name"], ()):
+                ax.add_patch(Rectangle((e - 0.5, row - 0.5), 1.0, 1.0, fill=False, edgecolor="#ff1744",
+                                       linewidth=1.4))
         ax.set_title(f"{info['name']} ({info['kind']}, top-{info['top_k']})", fontsize=9)
         ax.set_xticks(range(info["num_experts"]))
         ax.set_xticklabels(range(info["num_experts"]), fontsize=6)
@@ -296,7 +269,8 @@ def plot_usage(report: Mapping, path: str | os.PathLike) -> None:
     if image is not None:
         fig.colorbar(image, ax=axes, shrink=0.8, label="share of tokens")
     images = report.get("data", {}).get("images")
-    fig.suptitle("Expert usage: share of each task's tokens routed to each expert (x: never)"
+    fig.suptitle("Expert usage: share of each task's tokens routed to each expert (x: never"
+                 + ("; red box: kept by extraction)" if kept else ")")
                  + (f", {images} images" if images else ""), fontsize=10)
     fig.savefig(path, dpi=110, format="png")
     plt.close(fig)

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..core.errors import ConfigError
 from ..tasks import get_task
 from .registry import build_model_from_config
 from .vit import MultiTaskViT

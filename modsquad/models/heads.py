@@ -13,7 +13,7 @@ import math
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..core.errors import ConfigError
 from ..tasks import TaskSpec
 
 HEAD_TYPES = ("linear", "conv")

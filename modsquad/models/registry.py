@@ -12,7 +12,7 @@ import fnmatch
 import inspect
 from collections.abc import Callable, Sequence
 
-from ..errors import ConfigError, UnknownNameError
+from ..core.errors import ConfigError, UnknownNameError
 from .vit import MultiTaskViT
 
 _model_entrypoints: dict[str, Callable[..., MultiTaskViT]] = {}

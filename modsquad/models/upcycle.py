@@ -30,7 +30,7 @@ from timm.models import load_state_dict
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from torch import nn
 
-from ..errors import CheckpointError
+from ..core.errors import CheckpointError
 from ..moe import MoELayer
 
 

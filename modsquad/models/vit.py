@@ -22,9 +22,10 @@ from timm.models.vision_transformer import Attention
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..errors import ConfigError, UnknownNameError
+from ..core.errors import ConfigError, UnknownNameError
 from ..moe import GATE_VALUES, MOA_BIAS, MoEAttention, MoELayer, MoEMlp, moe_aux_losses, router_names
 from ..moe import ROUTERS as MOE_ROUTERS
+from ..moe import is_exporting
 from ..moe.losses import MI_REDUCE, TASK_PRIORS
 from ..tasks import get_task
 from .heads import HEAD_TYPES, build_head
@@ -240,7 +241,8 @@ class MultiTaskViT(nn.Module):
         if len(set(tasks)) != len(tasks):
             raise ConfigError(f"tasks has duplicates: {tasks}")
         if router != "dense" and router not in router_names():  # registered routers count too
-            raise ConfigError(f"router must be one of {('dense', *router_names())}, got {router!r}")
+            raise ConfigError(f"router must be one of {('dense', *router_names())}, got {router!r} (a router "
+                              f"defined outside modsquad is known once the module that registers it is imported)")
         if moe_layout not in MOE_LAYOUTS:
             raise ConfigError(f"moe_layout must be one of {MOE_LAYOUTS}, got {moe_layout!r}")
         if head not in HEAD_TYPES:
@@ -411,6 +413,18 @@ class MultiTaskViT(nn.Module):
         for _, layer in self.moe_layers():
             layer.reset_usage()
 
+    @property
+    def pretrained_cfg(self) -> dict:
+        """What the caller must feed the model, timm-style (`timm.data.resolve_data_config(model=model)` reads it):
+        RGB in [0, 1] normalised with ImageNet mean/std, [3, H, W] at `img_size` (any multiple of `patch_size`
+        works). `input_norm="minus1_1"` models take the same input and map it to [-1, 1] themselves."""
+        size = self.config["img_size"]
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        return {"input_size": (self.in_chans, h, w), "mean": _IMAGENET_MEAN, "std": _IMAGENET_STD,
+                "interpolation": "bilinear", "crop_pct": 1.0, "crop_mode": "center", "fixed_input_size": False,
+                "patch_size": self.patch_size, "num_classes": 0, "input_norm": self.config["input_norm"],
+                "tasks": list(self.tasks)}
+
     # --- forward --------------------------------------------------------------------------------------
 
     def task_index(self, task: str) -> int:
@@ -428,7 +442,8 @@ class MultiTaskViT(nn.Module):
         return h // self.patch_size, w // self.patch_size
 
     def _pos_embed(self, grid_size: tuple[int, int]) -> torch.Tensor:
-        if tuple(grid_size) == tuple(self.patch_embed.grid_size):
+        # exporting always resamples (identity at the built size): the graph then takes any H and W
+        if tuple(grid_size) == tuple(self.patch_embed.grid_size) and not is_exporting():
             return self.pos_embed
         return resample_abs_pos_embed(self.pos_embed, new_size=list(grid_size),
                                       old_size=list(self.patch_embed.grid_size),

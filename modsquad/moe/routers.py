@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import UnknownNameError
+from ..core.errors import UnknownNameError
 from .rebuild import Rebuildable
 
 TASK_LEVEL_MODES = ("softmax", "gumbel", "gumbel_st")
@@ -185,10 +185,10 @@ class Router(Rebuildable):
 
     def gate_rows_of(self, experts) -> torch.Tensor:
         """Gate rows (long [n], on CPU) of expert ids of this router (sorted distinct, in [0, num_experts))."""
-        ids = torch.as_tensor([int(e) for e in experts], dtype=torch.long)
-        if ids.numel() == 0 or ids.unique().numel() != ids.numel() or not torch.equal(ids, ids.sort().values) \
-                or ids[0] < 0 or ids[-1] >= self.num_experts:
-            raise ValueError(f"experts must be sorted distinct ids in [0, {self.num_experts}), got {ids.tolist()}")
+        ids = [int(e) for e in experts]
+        if not ids or ids != sorted(set(ids)) or ids[0] < 0 or ids[-1] >= self.num_experts:
+            raise ValueError(f"experts must be sorted distinct ids in [0, {self.num_experts}), got {ids}")
+        ids = torch.tensor(ids, dtype=torch.long)
         return self.kept_experts.cpu()[ids] if self.kept_experts is not None else ids
 
     def slice(self, task: int, experts) -> Router:

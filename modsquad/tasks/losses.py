@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..errors import UnknownNameError
+from ..core.errors import UnknownNameError
 from .registry import IGNORE_INDEX, TaskSpec
 
 #: Positive-class weight for edge BCE (Vandenhende et al., PASCAL-MT / MTI-Net): edges are ~5% of pixels.

@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..errors import UserError
+from ..core.errors import UserError
 from .losses import dense_mask, resize_to_target
 from .registry import IGNORE_INDEX, TaskSpec, get_task
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import UnknownNameError
+from ..core.errors import UnknownNameError
 
 IGNORE_INDEX = 255
 KINDS = ("regression", "normal", "segmentation", "saliency", "edge", "classification")
@@ -299,11 +299,6 @@ register_task(TaskSpec("class_object", 1000, "classification", "soft_ce", _CLS, 
                        encode_class_object, file_ext="npy", description="ImageNet-1k soft labels (stored as logits)"))
 register_task(TaskSpec("class_scene", 365, "classification", "soft_ce", _CLS, decode_class_scene, encode_class,
                        file_ext="npy", description="Places-365 soft labels (renormalised by their sum)"))
-
-#: Mod-Squad's 13 Taskonomy tasks (segment_semantic is an optional extra).
-TASKONOMY_TASKS = ("class_object", "class_scene", "depth_euclidean", "depth_zbuffer", "edge_occlusion",
-                   "edge_texture", "keypoints2d", "keypoints3d", "normal", "principal_curvature", "reshading",
-                   "segment_unsup2d", "segment_unsup25d")
 
 # PASCAL-Context (PASCAL_MT benchmark); decoding lives in data/pascal_context.py (.mat and distilled PNGs).
 register_task(TaskSpec("semseg", 21, "segmentation", "ce", ("miou", "pixel_acc"), suite="pascal_context",

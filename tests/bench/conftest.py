@@ -57,10 +57,10 @@ def tiny_run(tmp_path_factory):
     experts are really dropped)."""
     import torch
 
+    from modsquad.checkpoint import save_model
     from modsquad.config import load_config, save_config
     from modsquad.data import synthesize
     from modsquad.demo import config_path
-    from modsquad.engine.checkpoint import save_model
     from modsquad.extract import extract
     from modsquad.models import create_model
 

@@ -159,7 +159,7 @@ def _check_schema(result, tasks, dense=True):
 
 def test_benchmark_with_val_metrics(tiny_run, tmp_path):
     from modsquad.bench import benchmark, write_report
-    from modsquad.engine.checkpoint import load_model
+    from modsquad.checkpoint import load_model
     from modsquad.tasks import get_task
 
     run, extracted, tasks = tiny_run
@@ -198,7 +198,7 @@ def test_benchmark_without_data_and_task_subset(tiny_run):
 
 def test_benchmark_user_errors(tiny_run, tmp_path):
     from modsquad.bench import benchmark
-    from modsquad.errors import CheckpointError, ConfigError, UnknownNameError
+    from modsquad.core.errors import CheckpointError, ConfigError, UnknownNameError
 
     run, extracted, _ = tiny_run
     with pytest.raises(CheckpointError, match="not found"):
@@ -209,7 +209,7 @@ def test_benchmark_user_errors(tiny_run, tmp_path):
         benchmark(run, extracted, tasks=["reshading"])
     with pytest.raises(ConfigError, match="batch"):
         benchmark(run, extracted, batch_sizes=(1, 2, 3))
-    from modsquad.engine.checkpoint import load_model, save_model
+    from modsquad.checkpoint import load_model, save_model
 
     other = load_model(run)
     with torch.no_grad():

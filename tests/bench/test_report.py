@@ -1,8 +1,9 @@
 import json
 
+import pytest
 from rich.console import Console
 
-from modsquad.bench.report import human, markdown, primary_metric, summary_table, write_report
+from modsquad.bench.report import human, markdown, metric_change, primary_metric, summary_table, write_report
 
 
 def test_human():
@@ -89,3 +90,13 @@ def test_write_report_turns_nan_into_null(tmp_path, fake_result):
     paths = write_report(fake_result, tmp_path)
     assert json.loads(paths["json"].read_text())["tasks"]["segment_semantic"]["metrics"]["miou"] is None
     assert "miou nan" in paths["md"].read_text()
+
+
+def test_metric_change_is_relative_to_full_and_positive_when_better(fake_result):
+    tasks = fake_result["tasks"]
+    assert metric_change("segment_semantic", tasks["segment_semantic"]) == ("miou", 40.0, 0.0, -100.0)
+    name, full, pruned, change = metric_change("normal", tasks["normal"])  # mean_angle: lower is better
+    assert name == "mean_angle" and change == pytest.approx(-100 * 0.1 / 21.0)
+    assert metric_change("depth_euclidean", tasks["depth_euclidean"])[3] == 0.0
+    tasks["normal"]["metrics"] = {}
+    assert metric_change("normal", tasks["normal"])[3] is None

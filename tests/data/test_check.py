@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
+from modsquad.core.errors import DataError, UnknownNameError
 from modsquad.data import check_dataset
 from modsquad.data.io import write_image
-from modsquad.errors import DataError, UnknownNameError
 
 from .conftest import SYNTH
 from .pascal_fixture import TRAIN_IDS

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from modsquad.config import load_config
-from modsquad.engine.evaluate import evaluate
-from modsquad.engine.trainer import train
+from modsquad.evaluate.evaluator import evaluate
+from modsquad.train.trainer import train
 
 from .real_format import make_pascal_context_tree, make_taskonomy_tree
 

@@ -5,9 +5,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from modsquad.core.errors import DataError, UnknownNameError
 from modsquad.data import PascalContextDataset, build_dataset
 from modsquad.data.pascal_context import benchmark_normals_classes, label_boundaries, resolve_normals_classes
-from modsquad.errors import DataError, UnknownNameError
 from modsquad.tasks.registry import IGNORE_INDEX
 
 from .pascal_fixture import TRAIN_IDS, VAL_IDS

@@ -5,8 +5,8 @@ import time
 import numpy as np
 import pytest
 
+from modsquad.core.errors import DataError
 from modsquad.data import synthetic as syn
-from modsquad.errors import DataError
 from modsquad.tasks.registry import IGNORE_INDEX
 
 from .conftest import SYNTH

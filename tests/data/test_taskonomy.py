@@ -5,11 +5,11 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from modsquad.core.errors import DataError, UnknownNameError
 from modsquad.data import build_dataset, render_sample
 from modsquad.data import synthetic as syn
 from modsquad.data.io import write_image
 from modsquad.data.taskonomy import SPLITS_DIR, TaskonomyDataset, read_split_file
-from modsquad.errors import DataError, UnknownNameError
 from modsquad.tasks.registry import IGNORE_INDEX
 
 from .conftest import SYNTH

@@ -7,7 +7,7 @@ drops experts and the exactness tests are not trivially true.
 import pytest
 import torch
 
-from modsquad.engine.checkpoint import save_model
+from modsquad.checkpoint import save_model
 from modsquad.extract.standalone import file_sha256
 from modsquad.extract.usage import count_usage, save_usage, usage_report
 from modsquad.models import MultiTaskViT

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from modsquad.errors import DataError, OutputPathError, UnknownNameError
+from modsquad.core.errors import DataError, OutputPathError, UnknownNameError
 from modsquad.extract.export import extract
-from modsquad.predict import predict_images, preprocess, read_images, render
+from modsquad.predict import ModelInput, fit_size, predict_images, preprocess, read_images, render
 from modsquad.tasks import get_task
 
 from .conftest import write_checkpoint
@@ -29,28 +29,61 @@ def test_extracted_model_any_image_size(checkpoint, tmp_path):
     extract(checkpoint, tmp_path / "ext", tasks=["segment_semantic"], usage=checkpoint.parent, device="cpu")
     a = _image(tmp_path / "a.jpg", 45, 71)
     b = _image(tmp_path / "b.png", 20, 20, channels=1)
-    paths = predict_images(tmp_path / "ext" / "segment_semantic", [a, b], out=tmp_path / "pred", device="cpu")
-    assert [p.name for p in paths] == ["a_segment_semantic.png", "b_segment_semantic.png"]
-    assert cv2.imread(str(paths[0])).shape == (45, 71, 3)
-    assert cv2.imread(str(paths[1])).shape == (20, 20, 3)
-    assert sorted(p.name for p in (tmp_path / "pred").iterdir()) == ["a_segment_semantic.png", "b_segment_semantic.png"]
+    # the weights file of an extracted model is accepted in place of its folder
+    result = predict_images(tmp_path / "ext" / "segment_semantic" / "model.safetensors", [a, b],
+                            out=tmp_path / "pred", device="cpu", raw=True)
+    names = [p.name for p in result.written]
+    assert names == ["a_segment_semantic.png", "a_segment_semantic_raw.png", "b_segment_semantic.png",
+                     "b_segment_semantic_raw.png"]
+    assert result.skipped == {}
+    panel = cv2.imread(str(result.written[0]))
+    assert panel.shape[0] > 45 and panel.shape[1] > 2 * 71  # input | prediction + legend
+    ids = cv2.imread(str(result.written[1]), cv2.IMREAD_UNCHANGED)
+    assert ids.shape == (45, 71) and ids.dtype == np.uint8 and ids.max() < 18
+    assert cv2.imread(str(result.written[3]), cv2.IMREAD_UNCHANGED).shape == (20, 20)
+    assert sorted(p.name for p in (tmp_path / "pred").iterdir()) == sorted(names)
 
 
 def test_full_model_writes_next_to_the_image(checkpoint, tmp_path):
     a = _image(tmp_path / "a.png", 33, 40)
-    paths = predict_images(checkpoint.parent, [a], tasks=["normal", "class_scene"], device="cpu")
-    assert [p.name for p in paths] == ["a_normal.png", "a_class_scene.png"]
-    assert all(p.parent == tmp_path for p in paths)
-    assert cv2.imread(str(paths[0])).shape == (33, 40, 3)
-    assert cv2.imread(str(paths[1])).shape == (64, 64, 3)  # top-5 class bar chart
+    result = predict_images(checkpoint.parent, [a], tasks=["normal", "class_scene", "depth_euclidean"],
+                            device="cpu", raw=True)
+    assert [p.name for p in result.written] == ["a_normal.png", "a_normal_raw.png", "a_class_scene.png",
+                                                "a_class_scene_raw.npy", "a_depth_euclidean.png",
+                                                "a_depth_euclidean_raw.png"]
+    assert all(p.parent == tmp_path for p in result.written)
+    normal = cv2.imread(str(result.written[1]), cv2.IMREAD_UNCHANGED)
+    assert normal.shape == (33, 40, 3) and normal.dtype == np.uint8  # Taskonomy 8-bit encoding
+    probs = np.load(result.written[3])
+    assert probs.shape == (365,) and abs(probs.sum() - 1) < 1e-4
+    depth = cv2.imread(str(result.written[5]), cv2.IMREAD_UNCHANGED)
+    assert depth.shape == (33, 40) and depth.dtype == np.uint16  # 1/512 m
+
+
+def test_folders_globs_and_unreadable_files_are_skipped_and_reported(checkpoint, tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    _image(photos / "x.png", 32, 48)
+    _image(photos / "y.jpg", 40, 32)
+    (photos / "broken.png").write_text("not an image")
+    (tmp_path / "shots").mkdir()
+    _image(tmp_path / "shots" / "s1.png", 32, 32)
+    result = predict_images(checkpoint, [photos, str(tmp_path / "shots" / "*.png"), tmp_path / "missing.png",
+                                         str(tmp_path / "none" / "*.jpg")],
+                            out=tmp_path / "pred", tasks=["depth_euclidean"], device="cpu")
+    assert sorted(p.name for p in result.written) == ["s1_depth_euclidean.png", "x_depth_euclidean.png",
+                                                      "y_depth_euclidean.png"]
+    assert set(result.skipped) == {str(photos / "broken.png"), str(tmp_path / "missing.png"),
+                                   str(tmp_path / "none" / "*.jpg")}
+    assert "not a valid" in result.skipped[str(photos / "broken.png")]
+    assert result.skipped[str(tmp_path / "missing.png")] == "not found"
+    with pytest.raises(DataError, match="nothing could be predicted.*broken.png"):  # nothing at all: an error
+        predict_images(checkpoint, [photos / "broken.png"], out=tmp_path / "pred2", device="cpu")
+    assert not (tmp_path / "pred2").exists()
 
 
 def test_errors(checkpoint, tmp_path):
-    bad = tmp_path / "bad.png"
-    bad.write_text("not an image")
     good = _image(tmp_path / "good.png", 32, 32)
-    with pytest.raises(DataError, match="bad.png"):
-        predict_images(checkpoint, [good, bad], out=tmp_path / "pred", device="cpu")
     with pytest.raises(DataError, match="missing.png"):
         predict_images(checkpoint, [tmp_path / "missing.png"], out=tmp_path / "pred", device="cpu")
     with pytest.raises(UnknownNameError, match="reshading"):
@@ -58,16 +91,24 @@ def test_errors(checkpoint, tmp_path):
     assert not (tmp_path / "pred").exists()
 
 
+def test_aspect_ratio_is_kept():
+    model = ModelInput((64, 64), 16)
+    assert fit_size(277, 900, model) == (64, 208, 64, 208)  # short side 64, long 900 * 64 / 277
+    assert fit_size(100, 1000, model) == (26, 256, 32, 256)  # long side capped at 4x the short one
+    assert fit_size(50, 45, model) == (71, 64, 80, 64)  # padded to the patch grid
+    x, inner = preprocess(np.full((10, 30, 3), 255, np.uint8), model)
+    assert x.shape == (3, 64, 192) and inner == (64, 192) and x.mean() > 2.0  # white, ImageNet-normalised
+    x, inner = preprocess(np.full((50, 45, 3), 255, np.uint8), model)
+    assert inner == (71, 64) and x.shape == (3, 80, 64) and (x[:, 71:] == 0).all()  # padded with the mean
+
+
 def test_render_maps_back_to_image_size():
     spec = get_task("segment_semantic")
     logits = torch.zeros(18, 4, 4)
-    logits[3, :, :2] = 1.0  # left half class 3, right half class 0
-    rgb = render(spec, logits, (8, 12))
-    assert rgb.shape == (8, 12, 3)
-    assert (rgb[:, :6] == rgb[0, 0]).all() and (rgb[:, 6:] == rgb[0, -1]).all()
-    assert render(get_task("depth_euclidean"), torch.rand(1, 4, 4), (9, 7)).shape == (9, 7, 3)
-    x = preprocess(np.full((10, 30, 3), 255, np.uint8), (32, 32))
-    assert x.shape == (3, 32, 32) and x.mean() > 2.0  # white, ImageNet-normalised
+    logits[3, :, :2] = 1.0
+    panel = render(spec, logits, (8, 12))
+    assert panel.dtype == np.uint8 and panel.ndim == 3
+    assert render(get_task("depth_euclidean"), torch.rand(1, 4, 4), (9, 7)).ndim == 3
 
 
 def test_float_images_are_read_at_their_own_scale(checkpoint, tmp_path):
@@ -78,9 +119,11 @@ def test_float_images_are_read_at_their_own_scale(checkpoint, tmp_path):
     assert cv2.imwrite(str(tmp_path / "pf.tiff"), rgb8.astype(np.float32) / 255.0)
     a, b = read_images([tmp_path / "p8.png", tmp_path / "pf.tiff"])
     np.testing.assert_allclose(a, b, atol=1e-6)
-    paths = predict_images(checkpoint, [tmp_path / "p8.png", tmp_path / "pf.tiff"], out=tmp_path / "pred",
-                           tasks=["depth_euclidean"], device="cpu")
-    assert np.abs(cv2.imread(str(paths[0])).astype(int) - cv2.imread(str(paths[1])).astype(int)).max() <= 1
+    result = predict_images(checkpoint, [tmp_path / "p8.png", tmp_path / "pf.tiff"], out=tmp_path / "pred",
+                            tasks=["depth_euclidean"], device="cpu", raw=True)
+    raw = [p for p in result.written if p.suffix == ".png" and "_raw" in p.name]
+    first, second = (cv2.imread(str(p), cv2.IMREAD_UNCHANGED).astype(int) for p in raw)
+    assert np.abs(first - second).max() <= 1
 
 
 def test_outputs_never_overwrite_inputs_or_each_other(checkpoint, tmp_path):
@@ -90,6 +133,10 @@ def test_outputs_never_overwrite_inputs_or_each_other(checkpoint, tmp_path):
     with pytest.raises(OutputPathError, match="overwrite the input image"):
         predict_images(checkpoint, [a, victim], tasks=["normal"], device="cpu")
     assert victim.read_bytes() == before and not (tmp_path / "a_normal_normal.png").exists()
+    raw_victim = _image(tmp_path / "b_normal_raw.png", 32, 32)
+    b = _image(tmp_path / "b.png", 32, 32)
+    with pytest.raises(OutputPathError, match="overwrite the input image"):
+        predict_images(checkpoint, [b, raw_victim], tasks=["normal"], device="cpu", raw=True)
     (tmp_path / "b").mkdir()
     twin = _image(tmp_path / "b" / "a.png", 32, 32)
     with pytest.raises(OutputPathError, match="would both write"):
@@ -100,5 +147,5 @@ def test_outputs_never_overwrite_inputs_or_each_other(checkpoint, tmp_path):
     (c / "x").mkdir(parents=True)
     _image(c / "a.png", 32, 32)
     _image(c / "x" / "a.png", 32, 32)
-    paths = predict_images(checkpoint, [c / "x", c / "a.png", c / "a.png"], tasks=["normal"], device="cpu")
-    assert paths == [c / "x" / "a_normal.png", c / "a_normal.png"]
+    result = predict_images(checkpoint, [c / "x", c / "a.png", c / "a.png"], tasks=["normal"], device="cpu")
+    assert result.written == [c / "x" / "a_normal.png", c / "a_normal.png"]

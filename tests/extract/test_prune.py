@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from modsquad.errors import ConfigError
+from modsquad.core.errors import ConfigError
 from modsquad.extract.export import extract_standalone
 from modsquad.extract.prune import check_selection, count_params, select_experts, select_layer_experts
 from modsquad.extract.usage import count_usage

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import modsquad
-from modsquad.errors import CheckpointError
+from modsquad.core.errors import CheckpointError
 from modsquad.extract.export import extract
 from modsquad.extract.standalone import ExtractedModel, FoldedMoEAttention, load_extracted
 from modsquad.moe import MoEAttention

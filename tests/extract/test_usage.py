@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from modsquad.errors import CheckpointError
+from modsquad.core.errors import CheckpointError
 from modsquad.extract.usage import (
     check_usage_matches,
     count_usage,

@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from modsquad.engine.optim import build_optimizer
-from modsquad.errors import ConfigError, UnknownNameError
+from modsquad.core.errors import ConfigError, UnknownNameError
 from modsquad.models import build_model_from_config
 from modsquad.models.grow import add_tasks, freeze, task_indexed_parameters
+from modsquad.train.optim import build_optimizer
 
 OLD = ["depth_euclidean", "normal", "segment_semantic", "class_scene"]
 NEW = ["reshading", "edge_texture"]

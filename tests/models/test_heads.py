@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from modsquad.errors import ConfigError
+from modsquad.core.errors import ConfigError
 from modsquad.models.heads import ClassificationHead, ConvHead, LinearPatchHead, build_head
 from modsquad.tasks import get_task
 

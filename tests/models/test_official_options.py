@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from modsquad.errors import ConfigError
+from modsquad.core.errors import ConfigError
 from modsquad.models.registry import OFFICIAL
 
 TASKS = ["depth_euclidean", "class_scene"]

@@ -3,7 +3,7 @@ import timm
 import torch
 
 import modsquad
-from modsquad.errors import ConfigError, UnknownNameError
+from modsquad.core.errors import ConfigError, UnknownNameError
 from modsquad.models import MultiTaskViT, create_model, list_models
 from modsquad.moe import MoEAttention, MoEMlp
 

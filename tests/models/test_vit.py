@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from modsquad.errors import ConfigError, UnknownNameError
+from modsquad.core.errors import ConfigError, UnknownNameError
 from modsquad.models import MultiTaskViT, build_model_from_config, moe_placement
 from modsquad.moe import MoEAttention, MoEMlp
 

@@ -133,7 +133,7 @@ def test_train_compile_option_trains_through_torch_compile(tmp_path, monkeypatch
     from safetensors import safe_open
 
     from modsquad.config import config_from_dict
-    from modsquad.engine.trainer import train
+    from modsquad.train.trainer import train
 
     compiled = []
     real_compile = torch.compile

@@ -9,7 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from modsquad.bench.bench import benchmark, count_params, task_param_count
+from modsquad.checkpoint import load_model
+from modsquad.config import load_config
+from modsquad.data import synthesize
+from modsquad.extract.export import extract
+from modsquad.extract.usage import compute_usage
 from modsquad.moe import ROUTERS, Router, build_router, register_router, router_class, router_names
+from modsquad.train.trainer import train
+from modsquad.train.transfer import train_add_tasks
 
 PLUGIN_FILE = Path(__file__).resolve().parents[1] / "plugins" / "cosine_router.py"
 TASKS = ["depth_euclidean", "normal"]
@@ -124,10 +132,6 @@ def test_fixed_routing_is_declared_by_the_router():
 def plugin_run(tmp_path_factory, one_thread):
     """A 2-step training run of the tiny model with the plugin router and the official raw top-k prob gates
     (so extraction keeps every gate row of a task but only its used experts)."""
-    from modsquad.config import load_config
-    from modsquad.data import synthesize
-    from modsquad.engine.trainer import train
-
     tmp = tmp_path_factory.mktemp("plugin_router")
     root = tmp / "synth"
     synthesize(root, images=16, size=32, seed=0)
@@ -140,12 +144,6 @@ def plugin_run(tmp_path_factory, one_thread):
 
 
 def test_plugin_router_trains_counts_extracts_grows_and_benches(plugin_run):
-    from modsquad.bench.bench import benchmark, count_params, task_param_count
-    from modsquad.engine.checkpoint import load_model
-    from modsquad.engine.transfer import train_add_tasks
-    from modsquad.extract.export import extract
-    from modsquad.extract.usage import compute_usage
-
     run = plugin_run / "run"
     model = load_model(run)
     assert all(type(layer.router) is PLUGIN.CosineRouter for _, layer in model.moe_layers())
@@ -157,8 +155,8 @@ def test_plugin_router_trains_counts_extracts_grows_and_benches(plugin_run):
     out = plugin_run / "extracted"
     summaries = extract(run, out, max_images=1, check_images=1, device="cpu")  # 1 image: experts are dropped
     for task, summary in summaries.items():
-        assert any(len(ids) < layer.num_experts for (_, layer), ids in
-                   zip(model.moe_layers(), summary["kept"].values(), strict=True)), task
+        layers = dict(model.moe_layers())
+        assert any(len(ids) < layers[name].num_experts for name, ids in summary["kept"].items()), task
         # on the images usage was counted on every chosen expert is kept: equal up to float rounding
         assert summary["counted"]["images"] > 0 and summary["counted"]["max_abs_diff"] < 1e-5, task
         assert summary["params"]["extracted"] < summary["params"]["full"]

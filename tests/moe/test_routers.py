@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from modsquad.errors import UnknownNameError
+from modsquad.core.errors import UnknownNameError
 from modsquad.moe import (
     ROUTERS,
     PerTaskRouter,

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from modsquad.errors import UnknownNameError
+from modsquad.core.errors import UnknownNameError
 from modsquad.tasks.losses import (
     EDGE_POS_WEIGHT,
     TASK_LOSSES,

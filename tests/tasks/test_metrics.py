@@ -5,7 +5,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from modsquad.errors import UserError
+from modsquad.core.errors import UserError
 from modsquad.tasks.metrics import (
     ClassificationMetric,
     EdgeMetric,

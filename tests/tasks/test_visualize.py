@@ -6,10 +6,14 @@ from PIL import Image
 from modsquad.tasks.registry import IGNORE_INDEX, TASKS, get_task
 from modsquad.tasks.visualize import (
     LABEL_HEIGHT,
+    MIN_TILE,
     colorize,
     colorize_labels,
     make_grid,
+    output_meaning,
+    prediction_panel,
     save_prediction_png,
+    task_palette,
     voc_palette,
 )
 
@@ -77,11 +81,48 @@ def test_make_grid_layout():
     image = torch.rand(3, H, W)
     preds = {t: _pred(t) for t in tasks}
     targets = {"depth_euclidean": torch.rand(1, H, W), "segment_semantic": torch.randint(0, 18, (H, W))}
-    grid = make_grid(image, preds, targets, masks={"depth_euclidean": torch.rand(H, W) > 0.5}, pad=2)
+    grid = make_grid(image, preds, targets, masks={"depth_euclidean": torch.rand(H, W) > 0.5}, pad=2, min_tile=1)
     assert grid.dtype == np.uint8
-    assert grid.shape == (3 * (H + LABEL_HEIGHT) + 2 * 2, 3 * W + 2 * 2, 3)
-    no_targets = make_grid(image, preds, labels=False, pad=2)
+    # column headers (input | prediction | target), then per task a name strip and a row of tiles
+    assert grid.shape == (LABEL_HEIGHT + 3 * (H + LABEL_HEIGHT) + 2 * 2, 3 * W + 2 * 2, 3)
+    no_targets = make_grid(image, preds, labels=False, pad=2, min_tile=1)
     assert no_targets.shape == (3 * H + 2 * 2, 2 * W + 2, 3)
+
+
+def test_make_grid_upscales_small_inputs_to_be_readable():
+    image = torch.rand(3, H, W)
+    grid = make_grid(image, {"normal": torch.randn(3, H, W)}, {"normal": torch.randn(3, H, W)}, labels=False, pad=0)
+    f = -(-MIN_TILE // H)  # smallest integer factor making the short side >= MIN_TILE
+    assert grid.shape == (H * f, 3 * W * f, 3)
+    assert (grid[:f, :f] == grid[0, 0]).all()  # nearest: each pixel becomes an f x f block
+
+
+def test_segment_semantic_background_is_not_aeroplane_maroon():
+    palette = task_palette("segment_semantic")
+    assert palette[1].tolist() == [0, 0, 0] and palette[2].tolist() == [128, 0, 0]
+    assert np.array_equal(task_palette("semseg"), voc_palette())
+    assert colorize("segment_semantic", torch.ones(H, W, dtype=torch.long))[0, 0].tolist() == [0, 0, 0]
+
+
+@pytest.mark.parametrize("name", ["depth_euclidean", "segment_semantic", "normal", "sal", "class_scene",
+                                  "principal_curvature", "edge_texture"])
+def test_prediction_panel_has_input_prediction_and_a_key(name):
+    spec = get_task(name)
+    image = np.zeros((40, 90, 3), np.uint8)
+    pred = torch.randn(spec.channels, 40, 90) if spec.is_dense else torch.randn(spec.channels)
+    panel = prediction_panel(image, name, pred, title="x")
+    assert panel.dtype == np.uint8 and panel.ndim == 3 and panel.shape[1] > panel.shape[0]
+
+
+def test_output_meaning_names_units_and_classes():
+    assert output_meaning("depth_euclidean")["units"] == "m"
+    seg = output_meaning("segment_semantic")
+    assert len(seg["class_names"]) == 18 and seg["class_names"][1] == "background"
+    assert len(output_meaning("semseg")["class_names"]) == 21 and len(output_meaning("human_parts")["class_names"]) == 7
+    assert output_meaning("class_scene")["layout"] == "[batch, classes]"
+    for name in TASKS:
+        meaning = output_meaning(name)
+        assert meaning["task"] == name and "quantity" in meaning and "units" in meaning
 
 
 def test_save_prediction_png_round_trip(tmp_path):
@@ -101,5 +142,6 @@ def test_classification_targets_with_their_per_sample_mask(name):
     assert drawn.shape == (64, 64, 3) and (drawn != 255).any()
     assert not colorize(name, target, mask=torch.tensor(False)).any()  # unlabelled image: black
     image = torch.rand(3, H, W)
-    grid = make_grid(image, {name: torch.randn(spec.channels)}, {name: target}, {name: torch.tensor(True)})
-    assert grid.shape == (H + LABEL_HEIGHT, 3 * W + 2 * 2, 3)
+    grid = make_grid(image, {name: torch.randn(spec.channels)}, {name: target}, {name: torch.tensor(True)},
+                     min_tile=1)
+    assert grid.shape == (LABEL_HEIGHT + H + LABEL_HEIGHT, 3 * W + 2 * 2, 3)

@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import save_file
 from timm.layers import resample_abs_pos_embed
 
-from modsquad.errors import CheckpointError
+from modsquad.core.errors import CheckpointError
 from modsquad.models import create_model
 from modsquad.models.upcycle import upcycle_from_timm
 

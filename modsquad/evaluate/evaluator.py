@@ -1,6 +1,6 @@
 """Evaluation: per-task metrics of a model on a split, metrics.json, and delta_m against baselines.
 
-    result = modsquad.engine.evaluate("runs/tiny", split="val", baseline="runs/tiny_dense")
+    result = modsquad.evaluate.evaluate("runs/tiny", split="val", baseline="runs/tiny_dense")
     result["metrics"]["depth_euclidean"]["l1"], result["delta_m"]["mean"]
 
 `evaluate_model` is the loop the trainer also uses: one forward for all tasks per batch, metrics streamed into
@@ -12,128 +12,30 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import cv2
+import numpy as np
 import torch
 from omegaconf import DictConfig
+from rich.table import Table
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from ..core.atomic import ensure_dir
-from ..errors import CheckpointError, DataError, UserError
-from .checkpoint import atomic_write, load_model, read_metadata, resolve_checkpoint
-from .distributed import DistContext, resolve_device, shard_range
-
-METRICS_FILE = "metrics.json"
-
-
-# --- data ----------------------------------------------------------------------------------------------
-
-def synthetic_root(cfg: DictConfig) -> Path:
-    """Where a synthetic suite lives: data.root, or data/synthetic/<images>x<size>_seed<seed> when unset."""
-    if cfg.data.root:
-        return Path(cfg.data.root)
-    s = cfg.data.synth
-    return Path("data") / "synthetic" / f"{s.images}x{s.size}_seed{s.seed}"
-
-
-def resolve_data_root(cfg: DictConfig, base: str | Path) -> DictConfig:
-    """Make a relative data.root of `cfg` absolute against `base` (the run folder for a run's config.yaml, the
-    working directory for a config given on the command line), in place; returns `cfg`."""
-    if cfg.data.root and not Path(cfg.data.root).expanduser().is_absolute():
-        cfg.data.root = os.path.normpath((Path(base) / cfg.data.root).absolute())
-    elif cfg.data.root:
-        cfg.data.root = str(Path(cfg.data.root).expanduser())
-    return cfg
-
-
-def synth_command(cfg: DictConfig, root: Path) -> str:
-    """The `modsquad data synth` command that renders the synthetic suite `cfg` describes into `root`."""
-    s = cfg.data.synth
-    return f"modsquad data synth {root} --images {s.images} --size {s.size} --seed {s.seed}"
-
-
-def prepare_data_root(cfg: DictConfig, ctx: DistContext | None = None, render: bool = False) -> Path:
-    """The dataset root of `cfg`. A synthetic suite that does not exist yet is rendered when `render` (training,
-    whose config asks for it), else it is a DataError that says how to make it: nothing is rendered that the
-    user did not ask for.
-
-    Rendering is deterministic (data.synth settings) and goes to a temporary folder that is renamed into
-    place, so an interrupted or concurrent render never leaves half a dataset. In DDP, rank 0 renders and the
-    others wait.
-    """
-    if cfg.data.format != "synthetic":
-        if not cfg.data.root:
-            raise DataError(f"data.root is not set (data.format {cfg.data.format!r} needs the dataset folder)")
-        root = Path(cfg.data.root)
-        if not root.is_dir():
-            raise DataError(f"data root {root} does not exist or is not a folder (data.root, or --data-root)")
-        return root
-    root = synthetic_root(cfg)
-    if root.exists() and not root.is_dir():
-        raise DataError(f"data root {root} is a file, not a dataset folder")
-    if not render:
-        if not (root.is_dir() and any(root.iterdir())):
-            raise DataError(f"data root {root} does not exist or is empty; render the synthetic suite with "
-                            f"`{synth_command(cfg, root)}` (or pass the dataset's folder)")
-        return root
-    is_main = ctx is None or ctx.is_main
-    if is_main and not (root.is_dir() and any(root.iterdir())):
-        from ..data import synthesize
-
-        root.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
-        try:
-            s = cfg.data.synth
-            synthesize(tmp, images=s.images, size=s.size, seed=s.seed)
-            if root.is_dir():  # an empty folder the user made
-                root.rmdir()
-            os.replace(tmp, root)
-        except OSError:
-            if not (root.is_dir() and any(root.iterdir())):  # lost no race: a real failure
-                raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    if ctx is not None and ctx.distributed:
-        torch.distributed.barrier()
-    return root
-
-
-def build_split(cfg: DictConfig, split: str, train: bool, max_images: int | None = None,
-                root: Path | None = None) -> Dataset:
-    """The dataset of one split for `cfg`'s tasks (train=True: with augmentation).
-
-    data.resize (shorter side before the random crop) and data.hflip change the loader's default training
-    augmentation; evaluation always resizes to model.img_size.
-    """
-    from ..data import JointTransform, build_dataset
-    from ..tasks import get_task
-
-    root = root if root is not None else prepare_data_root(cfg)
-    kw = {}
-    if train and (cfg.data.resize or not cfg.data.hflip):
-        pascal = cfg.data.format == "pascal_context"
-        aug = {"hflip": 0.5 if cfg.data.hflip else 0.0}
-        if cfg.data.resize and not pascal:
-            aug["resize_ratio"] = cfg.data.resize / cfg.model.img_size
-        kinds = {t: get_task(t).kind for t in cfg.model.tasks if get_task(t).is_dense}
-        kw["transform"] = JointTransform(cfg.model.img_size, True, kinds,
-                                         crop="random_resized_crop" if pascal else "resize_crop", **aug)
-    if cfg.data.format == "pascal_context":
-        kw["normals_valid_classes"] = cfg.data.normals_valid_classes
-    return build_dataset(cfg.data.format, str(root), list(cfg.model.tasks), split=split, img_size=cfg.model.img_size,
-                         train=train, max_images=max_images, on_error=cfg.data.on_error,
-                         split_set=cfg.data.split_set, **kw)
+from ..checkpoint import load_model, read_metadata, resolve_checkpoint
+from ..core.atomic import atomic_write, ensure_dir
+from ..core.devices import DistContext, resolve_device, shard_range
+from ..core.errors import CheckpointError, DataError, UserError
+from ..data.from_config import eval_dataset
+from ..run import Run, metrics_file
+from ..tasks import get_task
+from ..tasks.metrics import MultiTaskMetrics, delta_m
+from ..tasks.visualize import make_grid
 
 
 def metric_kwargs(cfg: DictConfig | None, tasks: Sequence[str]) -> dict[str, dict]:
     """Per-task metric options from the config (edge tolerance)."""
-    from ..tasks import get_task
-
     tol = cfg.eval.edge_tolerance_px if cfg is not None else None
     return {t: {"tolerance_px": tol} for t in tasks if tol is not None and get_task(t).kind == "edge"}
 
@@ -160,9 +62,6 @@ def evaluate_model(model: nn.Module, dataset: Dataset, *, batch_size: int = 8, w
     With `visualize` > 0, the first that many samples are drawn as input | prediction | target grids into
     `vis_dir/<id>.png` (main process only).
     """
-    from ..tasks.metrics import MultiTaskMetrics
-    from ..tasks.visualize import make_grid
-
     device = torch.device(device) if device is not None else next(model.parameters()).device
     tasks = list(model.tasks)
     if ctx is not None and ctx.distributed:
@@ -194,9 +93,6 @@ def evaluate_model(model: nn.Module, dataset: Dataset, *, batch_size: int = 8, w
 
 def _write_png(path: Path, image) -> Path:
     """uint8 RGB [H, W, 3] (or grey [H, W]) as a PNG, written atomically."""
-    import cv2
-    import numpy as np
-
     arr = np.ascontiguousarray(image)
     ok, buf = cv2.imencode(".png", cv2.cvtColor(arr, cv2.COLOR_RGB2BGR) if arr.ndim == 3 else arr)
     if not ok:
@@ -211,11 +107,6 @@ def _sample_name(batch: Mapping, i: int, n: int) -> str:
 
 
 # --- metrics files and baselines -----------------------------------------------------------------------
-
-def metrics_file(split: str) -> str:
-    """`metrics.json` for the val split, `metrics_<split>.json` for others (so a test eval keeps val's)."""
-    return METRICS_FILE if split == "val" else f"metrics_{split}.json"
-
 
 def _json_safe(value):
     """NaN/inf -> None (JSON has no NaN), recursively."""
@@ -238,7 +129,7 @@ def read_metrics(path: str | Path, split: str = "val", role: str = "baseline") -
     """Per-task metrics {task: {metric: value}} from a run directory (its metrics file of `split`) or a JSON
     file: a `modsquad eval` result, or a plain {task: {metric: value}} mapping. `role` names the file in errors."""
     path = Path(path)
-    file = path / metrics_file(split) if path.is_dir() else path
+    file = Run(path).metrics_path(split) if path.is_dir() else path
     if not file.is_file():
         if role == "run" and path.is_dir():
             raise UserError(f"{path}: no {file.name}; run `modsquad eval {path}"
@@ -276,18 +167,6 @@ def load_baseline(baseline: str | Path | Sequence[str | Path] | None = None,
 
 # --- evaluate a checkpoint ------------------------------------------------------------------------------
 
-def run_config(checkpoint: str | Path) -> DictConfig:
-    """The config.yaml saved beside a checkpoint by `modsquad train`; a relative data.root in it is relative to
-    the run folder."""
-    from ..config import load_config
-
-    path = resolve_checkpoint(checkpoint).parent / "config.yaml"
-    if not path.is_file():
-        raise CheckpointError(f"{path} not found: eval reads the run's data settings from the config.yaml that "
-                              f"`modsquad train` saves beside its checkpoints")
-    return resolve_data_root(load_config(path), path.parent)
-
-
 def evaluate(checkpoint: str | Path, split: str | None = None,
              baseline: str | Path | Sequence[str | Path] | None = None, *, data_root: str | Path | None = None,
              out: str | Path | None = None, task_baselines: Mapping[str, str | Path] | None = None,
@@ -301,9 +180,6 @@ def evaluate(checkpoint: str | Path, split: str | None = None,
     directory) and returns the result dict: {"checkpoint", "step", "split", "num_images", "metrics",
     "primary", ["delta_m", "baseline"], "file"}.
     """
-    from ..tasks import get_task
-    from ..tasks.metrics import delta_m
-
     for name, value in (("batch_size", batch_size), ("max_images", max_images)):
         if value is not None and value < 1:
             raise UserError(f"evaluate: {name} must be at least 1, got {value}")
@@ -311,7 +187,8 @@ def evaluate(checkpoint: str | Path, split: str | None = None,
         ensure_dir(out, "--out")
     ckpt = resolve_checkpoint(checkpoint)
     read_metadata(ckpt)  # a file that is no modsquad checkpoint says so before its missing config.yaml does
-    cfg = run_config(ckpt)
+    run = Run.of(ckpt)
+    cfg = run.config()
     if data_root is not None:
         cfg.data.root = str(Path(data_root).absolute())
     split = split or cfg.eval.split
@@ -319,14 +196,9 @@ def evaluate(checkpoint: str | Path, split: str | None = None,
     model = load_model(ckpt, map_location=dev)
     tasks = list(model.tasks)
     if tasks != list(cfg.model.tasks):
-        raise CheckpointError(f"{ckpt} has tasks {tasks} but its {ckpt.parent / 'config.yaml'} lists "
+        raise CheckpointError(f"{ckpt} has tasks {tasks} but its {run.config_path} lists "
                               f"{list(cfg.model.tasks)}; the checkpoint belongs to another run")
-    try:
-        dataset = build_split(cfg, split, train=False, max_images=max_images or cfg.eval.max_images)
-    except FileNotFoundError as e:
-        raise DataError(f"{cfg.data.root}: {e}") from None
-    if len(dataset) == 0:
-        raise DataError(f"split {split!r} of {cfg.data.root or synthetic_root(cfg)} has no images")
+    dataset, _ = eval_dataset(cfg, split, max_images=max_images)
     out_dir = Path(out) if out is not None else ckpt.parent
     metrics = evaluate_model(model, dataset, batch_size=batch_size or cfg.eval.batch_size or cfg.data.batch_size,
                              workers=cfg.data.workers if workers is None else workers, device=dev,
@@ -349,8 +221,6 @@ def evaluate(checkpoint: str | Path, split: str | None = None,
 
 def metrics_table(result: Mapping):
     """A rich Table of an evaluation result: one row per task, primary metric first, delta vs baseline."""
-    from rich.table import Table
-
     deltas = result.get("delta_m") or {}
     table = Table(title=f"{result.get('split', '')} metrics (step {result.get('step')})")
     table.add_column("task")

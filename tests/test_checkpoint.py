@@ -6,16 +6,9 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from modsquad.engine.checkpoint import (
-    atomic_path,
-    atomic_write,
-    load_model,
-    read_metadata,
-    read_model_config,
-    read_state_dict,
-    save_model,
-)
-from modsquad.errors import CheckpointError
+from modsquad.checkpoint import load_model, read_metadata, read_model_config, read_state_dict, save_model
+from modsquad.core.atomic import atomic_path, atomic_write
+from modsquad.core.errors import CheckpointError
 from modsquad.models import create_model
 
 TASKS = ["depth_euclidean", "normal", "class_scene"]
@@ -156,7 +149,7 @@ def test_atomic_write_leaves_nothing_when_writer_fails(tmp_path):
 
 def test_save_failure_keeps_previous_checkpoint(tmp_path, trained, monkeypatch):
     path = save_model(tmp_path / "last.safetensors", trained, extra={"step": 1})
-    import modsquad.engine.checkpoint as ckpt
+    import modsquad.checkpoint as ckpt
 
     def boom(state, filename, metadata=None):
         open(filename, "wb").write(b"half")

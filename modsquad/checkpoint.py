@@ -31,9 +31,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .. import __version__
-from ..core.atomic import atomic_path, atomic_write, fsync_dir, fsync_file, link_or_copy
-from ..errors import CheckpointError, UserError
+from .core.atomic import atomic_path, atomic_write, fsync_dir, fsync_file, link_or_copy
+from .core.errors import CheckpointError, UserError
+from .core.version import __version__
+from .models.registry import build_model_from_config
 
 FORMAT = "modsquad"
 RUN_DIR_CANDIDATES = ("best.safetensors", "last.safetensors")
@@ -226,8 +227,6 @@ def read_state_dict(path: str | os.PathLike, map_location: str | torch.device = 
 
 def load_model(path_or_run_dir: str | os.PathLike, map_location: str | torch.device = "cpu") -> nn.Module:
     """Rebuild a model from a checkpoint file (or run directory) and load its weights; returned in eval mode."""
-    from ..models.registry import build_model_from_config  # models import heavy deps; keep this module light
-
     path = resolve_checkpoint(path_or_run_dir)
     config = read_model_config(path)
     try:

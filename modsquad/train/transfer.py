@@ -15,24 +15,25 @@ The run directory is a normal run directory plus `grow.json` ({"source", "source
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
 from rich.console import Console
 
-from ..errors import CheckpointError, ConfigError
-from .checkpoint import atomic_write, committed_run_files, load_model, resolve_checkpoint
-
-GROW_FILE = "grow.json"
+from ..checkpoint import load_model, resolve_checkpoint
+from ..config import config_from_dict, config_to_dict, load_config
+from ..core.devices import cleanup_distributed
+from ..core.errors import CheckpointError, ConfigError
+from ..models.grow import FREEZE_MODES, add_tasks
+from ..models.grow import freeze as freeze_model
+from ..run import LAST_FILE, Run
+from .trainer import Trainer
 
 
 def add_tasks_config(source_config: str | Path, new_tasks: Sequence[str], overrides: Sequence[str] = (),
                      name: str | None = None):
     """RUN's config with `new_tasks` appended to model.tasks and `overrides` applied (model.* may not change:
     the architecture is the trained one)."""
-    from ..config import config_from_dict, config_to_dict, load_config
-
     model_keys = [o for o in overrides if o.strip().removeprefix("--set").strip().startswith("model.")]
     if model_keys:
         raise ConfigError(f"--set {model_keys[0]}: the model comes from the source run when adding tasks; "
@@ -45,17 +46,6 @@ def add_tasks_config(source_config: str | Path, new_tasks: Sequence[str], overri
     return config_from_dict(data, str(source_config), overrides)
 
 
-def _read_grow(out: Path) -> dict:
-    path = out / GROW_FILE
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{out}: no {GROW_FILE}; this run did not add tasks (resume it with plain "
-                              f"`modsquad train --resume --out {out}`)") from None
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: unreadable ({e})") from None
-
-
 def train_add_tasks(source: str | Path | None, new_tasks: Sequence[str] | None, out: str | Path | None = None, *,
                     freeze: str = "none", router_init_from: str | None = None, overrides: Sequence[str] = (),
                     resume: bool = False, stop_after: int | None = None, console: Console | None = None,
@@ -66,29 +56,24 @@ def train_add_tasks(source: str | Path | None, new_tasks: Sequence[str] | None, 
     With `resume=True`, `source` and `new_tasks` may be None: they, the freezing and the config are read from
     `out` (grow.json, config.yaml; `overrides` still apply). Returns the trainer's `TrainResult`.
     """
-    from ..config import load_config
-    from ..models.grow import FREEZE_MODES, add_tasks
-    from ..models.grow import freeze as freeze_model
-    from .distributed import cleanup_distributed
-    from .trainer import Trainer
-
     if freeze not in FREEZE_MODES:
         raise ConfigError(f"--freeze must be one of {', '.join(FREEZE_MODES)}; got {freeze!r}")
     if resume:
         if out is None:
             raise ConfigError("resuming an add-tasks run needs its directory (--out)")
         out = Path(out)
-        grow = _read_grow(out)
+        run = Run(out)
+        grow = run.grow_info()
         new_tasks, freeze = grow["new_tasks"], grow["freeze"]
-        cfg = load_config(out / "config.yaml", overrides)
-        committed = committed_run_files(out)  # the checkpoint --resume continues from (see checkpoint.py)
-        # the trainer loads the same weights and the optimizer; this only rebuilds the grown architecture
-        model = load_model(committed["last.safetensors"] if committed else out / "last.safetensors")
+        cfg = run.resume_config(overrides)
+        # the checkpoint --resume continues from (see checkpoint.py); the trainer loads the same weights and the
+        # optimizer, this only rebuilds the grown architecture
+        model = load_model(run.committed(LAST_FILE))
     else:
         if source is None or not new_tasks:
             raise ConfigError("adding tasks needs --from RUN and --add-tasks TASK[,TASK]")
         ckpt = resolve_checkpoint(source)
-        cfg_path = ckpt.parent / "config.yaml"
+        cfg_path = Run.of(ckpt).config_path
         if not cfg_path.is_file():
             raise CheckpointError(f"{cfg_path} not found: --from needs a run directory (or a checkpoint beside "
                                   f"its config.yaml) for the data and training settings")
@@ -107,7 +92,7 @@ def train_add_tasks(source: str | Path | None, new_tasks: Sequence[str] | None, 
                       model=model, train_tasks=list(new_tasks))
     frozen.attach(trainer.optimizer)
     if not resume and trainer.ctx.is_main:
-        atomic_write(out / GROW_FILE, lambda p: p.write_text(json.dumps(grow, indent=1) + "\n"))
+        Run(out).write_grow_info(grow)
     if trainer.ctx.is_main:
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         n_train -= sum(ids.numel() * p[0].numel() for p, ids in frozen.rows.values())
@@ -122,9 +107,4 @@ def train_add_tasks(source: str | Path | None, new_tasks: Sequence[str] | None, 
         cleanup_distributed()
 
 
-def is_add_tasks_run(out: str | Path) -> bool:
-    """True when `out` is a run directory written by `train_add_tasks` (holds grow.json)."""
-    return (Path(out) / GROW_FILE).is_file()
-
-
-__all__ = ["GROW_FILE", "add_tasks_config", "is_add_tasks_run", "train_add_tasks"]
+__all__ = ["add_tasks_config", "train_add_tasks"]

@@ -5,10 +5,10 @@ import os
 import pytest
 import yaml
 
-from modsquad.engine.evaluate import evaluate
-from modsquad.engine.trainer import train
-from modsquad.errors import DataError
+from modsquad.core.errors import DataError
+from modsquad.evaluate.evaluator import evaluate
 from modsquad.extract.usage import compute_usage
+from modsquad.train.trainer import train
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from modsquad.engine.trainer import Trainer, train
+from modsquad.train.trainer import Trainer, train
 
 N = 9
 
@@ -101,7 +101,7 @@ def test_resume_with_loader_workers_is_bit_exact(make_cfg, tmp_path):
 def test_resume_with_another_model_is_refused(resume_cfg, uninterrupted, make_cfg, tmp_path):
     import shutil
 
-    from modsquad.errors import CheckpointError
+    from modsquad.core.errors import CheckpointError
 
     out = tmp_path / "other"
     shutil.copytree(uninterrupted, out)

@@ -7,18 +7,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from modsquad.engine.checkpoint import read_metadata
-from modsquad.engine.distributed import (
-    EpochBatchSampler,
-    SeededDataset,
-    epoch_order,
-    sample_seed,
-    shard_range,
-)
-from modsquad.engine.optim import build_optimizer, build_scheduler, param_groups, warmup_cosine
-from modsquad.engine.trainer import train
-from modsquad.errors import CheckpointError, TrainingError
+from modsquad.checkpoint import read_metadata
+from modsquad.core.devices import shard_range
+from modsquad.core.errors import CheckpointError, TrainingError
 from modsquad.models import create_model
+from modsquad.train.distributed import EpochBatchSampler, SeededDataset, epoch_order, sample_seed
+from modsquad.train.optim import build_optimizer, build_scheduler, param_groups, warmup_cosine
+from modsquad.train.trainer import train
 
 TASKS = ["depth_euclidean", "normal", "segment_semantic"]
 
@@ -119,7 +114,7 @@ def test_bf16_autocast_step(make_cfg, tmp_path):
 def test_init_from_dense_timm_checkpoint(make_cfg, tmp_path):
     import timm
 
-    from modsquad.engine.trainer import Trainer
+    from modsquad.train.trainer import Trainer
 
     dense = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32,
                               depth=2, num_heads=2, num_classes=0)

@@ -2,10 +2,11 @@ import json
 
 import pytest
 
-from modsquad.engine import evaluate, train
-from modsquad.engine.evaluate import load_baseline, metrics_table, read_metrics
-from modsquad.errors import CheckpointError, UserError
+from modsquad.core.errors import CheckpointError, UserError
+from modsquad.evaluate import evaluate
+from modsquad.evaluate.evaluator import load_baseline, metrics_table, read_metrics
 from modsquad.tasks import get_task
+from modsquad.train import train
 
 TASKS = ["depth_euclidean", "normal", "segment_semantic"]
 

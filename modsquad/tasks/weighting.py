@@ -1,7 +1,7 @@
 """Task loss weighting strategies (LibMTL style): one class per method, all behind one base.
 
 A weighting is an `nn.Module` so learned weights (uncertainty) train with the model and any history (DWA)
-lands in the checkpoint's state_dict. The trainer calls `total, weights = weighting(losses, epoch)` every
+lands in the checkpoint's state_dict. The trainer calls `total, weights = weighting(losses)` every
 step and `weighting.end_epoch(avg_losses)` after each epoch; `weights` are plain floats for logging.
 A new method is one subclass registered with `@register_weighting("name")`.
 """
@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..errors import UnknownNameError
+from ..core.errors import UnknownNameError
 
 WEIGHTINGS: dict[str, type[Weighting]] = {}
 
@@ -45,7 +45,7 @@ class Weighting(nn.Module):
         self.tasks = list(tasks)
         self._index = {t: i for i, t in enumerate(self.tasks)}
 
-    def forward(self, losses: Mapping[str, Tensor], epoch: int = 0) -> tuple[Tensor, dict[str, float]]:
+    def forward(self, losses: Mapping[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
         """losses: task -> scalar (a subset of `tasks` is fine) -> (total scalar, task -> weight)."""
         raise NotImplementedError
 
@@ -66,7 +66,7 @@ class Weighting(nn.Module):
 class EqualWeighting(Weighting):
     """Sum of the task losses (every weight 1)."""
 
-    def forward(self, losses, epoch=0):
+    def forward(self, losses):
         self._indices(losses)
         return torch.stack([v for v in losses.values()]).sum(), dict.fromkeys(losses, 1.0)
 
@@ -83,7 +83,7 @@ class UncertaintyWeighting(Weighting):
         super().__init__(tasks)
         self.log_vars = nn.Parameter(torch.full((len(self.tasks),), float(init)))
 
-    def forward(self, losses, epoch=0):
+    def forward(self, losses):
         idx = self._indices(losses)
         s = self.log_vars[torch.tensor(idx, device=self.log_vars.device)]
         values = torch.stack([v.to(s.dtype) for v in losses.values()])
@@ -104,7 +104,7 @@ class OfficialUncertaintyWeighting(Weighting):
         super().__init__(tasks)
         self.params = nn.Parameter(torch.full((len(self.tasks),), float(init)))
 
-    def forward(self, losses, epoch=0):
+    def forward(self, losses):
         idx = self._indices(losses)
         s2 = self.params[torch.tensor(idx, device=self.params.device)].square()
         values = torch.stack([v.to(s2.dtype) for v in losses.values()])
@@ -140,7 +140,7 @@ class DynamicWeightAverage(Weighting):
             ratio = self.history[1] / self.history[0].clamp_min(1e-12)
             self.lambdas.copy_(len(self.tasks) * torch.softmax(ratio / self.temperature, dim=0))
 
-    def forward(self, losses, epoch=0):
+    def forward(self, losses):
         idx = self._indices(losses)
         values = torch.stack(list(losses.values()))
         lam = self.lambdas[torch.tensor(idx, device=self.lambdas.device)]

@@ -6,11 +6,11 @@ import math
 
 import pytest
 import torch
+from modsquad.bench.compare import compare_markdown, compare_runs, compare_table, usage_stats, write_compare
 
+from modsquad.checkpoint import save_model
 from modsquad.config import config_from_dict, save_config
-from modsquad.engine.checkpoint import save_model
-from modsquad.engine.compare import compare_markdown, compare_runs, compare_table, usage_stats, write_compare
-from modsquad.errors import UserError
+from modsquad.core.errors import UserError
 from modsquad.extract.usage import save_usage, usage_report
 from modsquad.models import create_model
 
@@ -111,8 +111,9 @@ def test_usage_stats_disjoint_and_uniform():
 
 def test_active_flops_do_not_depend_on_the_call_order(runs):
     """The first forward of a process may probe grouped_mm support; its matmuls must not be counted."""
-    from modsquad.engine.checkpoint import load_model
-    from modsquad.engine.compare import active_flops
+    from modsquad.bench.compare import active_flops
+
+    from modsquad.checkpoint import load_model
     from modsquad.moe import dispatch
 
     model = load_model(runs[1])

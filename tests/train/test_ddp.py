@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from modsquad.config import config_from_dict
-from modsquad.engine import train
+from modsquad.train import train
 
 
 def _free_port() -> int:

@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from modsquad.config import load_config
-from modsquad.engine.evaluate import batch_to_device
-from modsquad.engine.trainer import Trainer
-from modsquad.errors import ConfigError
+from modsquad.core.errors import ConfigError
+from modsquad.evaluate.evaluator import batch_to_device
 from modsquad.tasks import get_task
 from modsquad.tasks.losses import mse_loss, task_loss
+from modsquad.train.trainer import Trainer
 
 
 def test_mse_loss_hand_computed():

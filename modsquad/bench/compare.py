@@ -28,11 +28,19 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
+from rich.table import Table
 
-from ..errors import ConfigError, UserError
-from ..moe import router_class, router_names
-from .checkpoint import atomic_write, load_model, read_metadata, resolve_checkpoint
-from .evaluate import read_metrics
+from ..checkpoint import load_model, read_metadata, resolve_checkpoint
+from ..core.atomic import atomic_write
+from ..core.errors import ConfigError, UserError
+from ..evaluate.evaluator import read_metrics
+from ..extract.usage import USAGE_JSON, check_usage_matches, load_usage
+from ..moe import experts_for_mass_count, router_class, router_names
+from ..run import Run
+from ..tasks import get_task
+from ..tasks.metrics import delta_m
+from .bench import count_flops
+from .report import human
 
 USAGE_MASS = 0.9
 DEFINITIONS = {
@@ -66,8 +74,6 @@ def _router_label(model_config: Mapping, aux: Mapping | None) -> tuple[str, str]
 def usage_stats(counts: Mapping[str, Mapping[str, Sequence[int]]], mass: float = USAGE_MASS) -> dict | None:
     """Sparsity of {task: {layer: [E] selection counts}}: {"share", "mi", "per_task": {task: share}}; None
     when nothing was counted (a dense model, or no forward yet)."""
-    from ..moe import experts_for_mass_count
-
     tasks = [t for t, rows in counts.items() if any(sum(r) > 0 for r in rows.values())]
     if not tasks:
         return None
@@ -89,8 +95,6 @@ def usage_stats(counts: Mapping[str, Mapping[str, Sequence[int]]], mass: float =
 
 def _usage_counts(run: Path, model) -> tuple[dict, str]:
     """Selection counts from the run's usage.json (if it matches the model), else from the checkpoint."""
-    from ..extract.usage import USAGE_JSON, check_usage_matches, load_usage
-
     path = run / USAGE_JSON
     if path.is_file():
         report = load_usage(path)
@@ -101,8 +105,6 @@ def _usage_counts(run: Path, model) -> tuple[dict, str]:
 
 def active_flops(model, img_size: int | Sequence[int] | None = None) -> int:
     """Forward FLOPs of one image with all the model's tasks (see the module docstring)."""
-    from ..bench.bench import count_flops
-
     size = img_size if img_size is not None else model.config["img_size"]
     h, w = (size, size) if isinstance(size, int) else tuple(size)
     x = torch.rand(1, model.in_chans, h, w, generator=torch.Generator().manual_seed(0))
@@ -123,16 +125,14 @@ def active_flops(model, img_size: int | Sequence[int] | None = None) -> int:
 
 def describe_run(path: str | Path, split: str = "val", flops: bool = True) -> dict:
     """Everything `compare_runs` shows about one run directory (see the module docstring)."""
-    from ..config import load_config
-    from ..tasks import get_task
-
     run = _run_dir(path)
     ckpt = resolve_checkpoint(run)
     metrics = read_metrics(run, split, role="run")
     model = load_model(ckpt)
     aux = None
-    if (run / "config.yaml").is_file():
-        aux = dict(load_config(run / "config.yaml").aux)
+    cfg = Run(run).config_or_none()
+    if cfg is not None:
+        aux = dict(cfg.aux)
     router, label = _router_label(model.config, aux)
     counts, usage_source = _usage_counts(run, model) if model.moe_layers() else ({}, None)
     usage = usage_stats(counts) if counts else None
@@ -152,8 +152,6 @@ def describe_run(path: str | Path, split: str = "val", flops: bool = True) -> di
 
 
 def _delta(run: Mapping, base: Mapping) -> dict | None:
-    from ..tasks.metrics import delta_m
-
     out = {}
     for task in run["tasks"]:
         try:
@@ -207,21 +205,15 @@ def _fmt(value, digits: int = 4) -> str:
 
 
 def _human(n: float | None) -> str:
-    from ..bench.report import human
-
     return human(n)
 
 
 def _arrow(task: str) -> str:
-    from ..tasks import get_task
-
     return "↓" if get_task(task).lower_is_better() else "↑"
 
 
 def _summary_rows(result: Mapping) -> tuple[list[str], list[list[str]]]:
     """Header and cells of the main table: one row per run."""
-    from ..tasks import get_task
-
     tasks = result["tasks"]
     header = ["run", "router", "params", "FLOPs/img", "usage share", "usage MI",
               f"Δm % vs {result['baseline']}" if result["baseline"] else "Δm %",
@@ -245,8 +237,6 @@ def _summary_rows(result: Mapping) -> tuple[list[str], list[list[str]]]:
 
 def compare_table(result: Mapping):
     """The main comparison as a rich Table (one row per run)."""
-    from rich.table import Table
-
     header, rows = _summary_rows(result)
     table = Table(title=f"Runs compared on {result['split']}", title_justify="left")
     for i, col in enumerate(header):

@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from modsquad.engine.weighting import (
+from modsquad.core.errors import UnknownNameError
+from modsquad.tasks.weighting import (
     WEIGHTINGS,
     DynamicWeightAverage,
     EqualWeighting,
@@ -11,7 +12,6 @@ from modsquad.engine.weighting import (
     Weighting,
     build_weighting,
 )
-from modsquad.errors import UnknownNameError
 
 TASKS = ["depth_euclidean", "normal"]
 
@@ -51,13 +51,13 @@ def test_uncertainty_accepts_a_subset_of_tasks():
 def test_dwa_hand_case():
     w = DynamicWeightAverage(TASKS, temperature=2.0)
     for epoch in range(2):  # equal weights for the first two epochs
-        total, weights = w(_losses(), epoch=epoch)
+        total, weights = w(_losses())
         assert total.item() == pytest.approx(5.0) and set(weights.values()) == {1.0}
         w.end_epoch({"depth_euclidean": 1.0 if epoch == 0 else 0.5, "normal": 1.0})
     # r = L(e-1) / L(e-2) = [0.5, 1]; lambda = 2 softmax(r / 2) = 2 [e^.25, e^.5] / (e^.25 + e^.5)
     e1, e2 = math.exp(0.25), math.exp(0.5)
     expected = [2 * e1 / (e1 + e2), 2 * e2 / (e1 + e2)]
-    total, weights = w(_losses(), epoch=2)
+    total, weights = w(_losses())
     assert list(weights.values()) == pytest.approx(expected)
     assert total.item() == pytest.approx(2.0 * expected[0] + 3.0 * expected[1])
 
@@ -88,7 +88,7 @@ def test_unknown_task_loss_is_an_error():
 
 
 def test_official_uncertainty_weighting_formula():
-    from modsquad.engine.weighting import build_weighting
+    from modsquad.tasks.weighting import build_weighting
 
     w = build_weighting("uncertainty_official", ["a", "b"])
     with torch.no_grad():

@@ -14,9 +14,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from modsquad.checkpoint import commit_run_checkpoint, committed_run_files, read_metadata
 from modsquad.cli import app
-from modsquad.engine.checkpoint import commit_run_checkpoint, committed_run_files, read_metadata
-from modsquad.engine.trainer import train
+from modsquad.train.trainer import train
 
 OPS = [(os, "replace"), (os, "rename"), (os, "link"), (os, "fsync"), (os, "unlink"), (os, "remove"), (os, "rmdir"),
        (os, "mkdir"), (os, "chmod"), (shutil, "rmtree"), (shutil, "copyfile")]
@@ -35,7 +35,7 @@ class Killer:
         for module, name in OPS:
             monkeypatch.setattr(module, name, self._wrap(getattr(module, name)))
         if only_in_commit:
-            import modsquad.engine.trainer as trainer_module
+            import modsquad.train.trainer as trainer_module
 
             def commit(*args, **kwargs):
                 self.active = True

@@ -1,4 +1,4 @@
-"""Shared fixtures for the training / evaluation tests: one small synthetic suite per session, tiny configs.
+"""Shared fixtures of the run-level tests (train, evaluate, compare): one small synthetic suite per session, tiny configs.
 
 The suite has 64 images of 32 px in 4 buildings (train 32, val 16, test 16); the model is a 2-block, dim-32
 Mod-Squad ViT with MoE attention and MoE MLP in both blocks (4 experts, top-2), so a step takes milliseconds.
@@ -39,17 +39,12 @@ def tiny_config_dict(root, **sections) -> dict:
     return cfg
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread_for_engine_tests(one_thread):
-    """Every engine test runs tiny models on one torch thread (tests/conftest.py)."""
-
-
 @pytest.fixture(scope="session")
 def synth_root(tmp_path_factory):
     """A 64-image, 32 px synthetic Taskonomy-layout suite, rendered once per session."""
     from modsquad.data import synthesize
 
-    root = tmp_path_factory.mktemp("engine_data") / "synth"
+    root = tmp_path_factory.mktemp("run_data") / "synth"
     synthesize(root, images=64, size=32, seed=0)
     return root
 
@@ -64,3 +59,8 @@ def make_cfg(synth_root):
         return data if as_dict else config_from_dict(data)
 
     return make
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread_for_run_tests(one_thread):
+    """Every run-level test runs tiny models on one torch thread (tests/conftest.py)."""

@@ -1,7 +1,7 @@
 """Multi-task training: one forward for all tasks, weighted task losses plus router aux losses, AdamW.
 
-    result = modsquad.engine.train(load_config("configs/synthetic_tiny.yaml"), out="runs/tiny")
-    result = modsquad.engine.train(None, out="runs/tiny", resume=True)   # continue from runs/tiny/state.pt
+    result = modsquad.train.train(load_config("configs/synthetic_tiny.yaml"), out="runs/tiny")
+    result = modsquad.train.train(None, out="runs/tiny", resume=True)   # continue from runs/tiny/state.pt
 
 A step: every image carries all requested tasks' labels (missing ones masked), the model runs once for all
 tasks, each task's loss comes from the task registry, the weighting (equal / uncertainty / DWA) combines them,
@@ -46,39 +46,29 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..core.atomic import ensure_dir
-from ..errors import CheckpointError, ConfigError, DataError, OutputPathError, TrainingError, UserError
-from .checkpoint import (
-    POINTER,
+from ..checkpoint import (
     atomic_write,
     commit_run_checkpoint,
-    committed_run_files,
     model_writer,
     read_metadata,
     read_model_config,
     read_state_dict,
     sync_run_files,
 )
-from .distributed import (
-    DistContext,
-    EpochBatchSampler,
-    SeededDataset,
-    all_reduce_sum,
-    cleanup_distributed,
-    init_distributed,
-    no_sync_unless,
-    unwrap,
-)
-from .evaluate import (
-    batch_to_device,
-    build_split,
-    evaluate_model,
-    load_baseline,
-    metric_kwargs,
-    prepare_data_root,
-    resolve_data_root,
-    synthetic_root,
-)
+from ..config import effective_lr
+from ..core.atomic import ensure_dir
+from ..core.devices import DistContext, all_reduce_sum, cleanup_distributed, init_distributed, unwrap
+from ..core.errors import CheckpointError, ConfigError, DataError, OutputPathError, TrainingError, UserError
+from ..data.from_config import build_split, prepare_data_root, resolve_data_root, synthetic_root
+from ..evaluate.evaluator import batch_to_device, evaluate_model, load_baseline, metric_kwargs
+from ..models.registry import create_model
+from ..models.upcycle import upcycle_from_timm
+from ..run import BEST_FILE, LAST_FILE, STATE_FILE, Run
+from ..tasks import get_task
+from ..tasks import losses as task_losses
+from ..tasks.metrics import delta_m, zero_baseline_tasks
+from ..tasks.weighting import build_weighting
+from .distributed import EpochBatchSampler, SeededDataset, no_sync_unless
 from .optim import build_optimizer, build_scheduler
 
 STATE_VERSION = 1
@@ -180,15 +170,13 @@ class Trainer:
     def __init__(self, cfg: DictConfig, out: str | Path, resume: bool = False, stop_after: int | None = None,
                  console: Console | None = None, progress: bool = True, *, model: nn.Module | None = None,
                  train_tasks: list[str] | None = None):
-        from ..config import effective_lr, save_config
-        from .weighting import build_weighting
-
         # a relative data.root means: relative to the run folder in a run's config.yaml (resume), to the working
         # directory in a config given now; config.yaml stores it absolute, so the run works from any folder
         cfg = resolve_data_root(copy.deepcopy(cfg), Path(out) if resume else Path.cwd())
         if cfg.data.format == "synthetic" and not cfg.data.root:
             cfg.data.root = str(synthetic_root(cfg).absolute())
         self.cfg, self.out, self.stop_after = cfg, Path(out), stop_after
+        self.run = Run(self.out)
         self.ctx: DistContext = init_distributed(cfg.train.device)
         self.device = self.ctx.device
         self.console = console or Console(stderr=True)
@@ -259,8 +247,8 @@ class Trainer:
             self._load_state()
         elif self.ctx.is_main:
             ensure_dir(self.out, "run folder")
-            atomic_write(self.out / "config.yaml", lambda p: save_config(cfg, p))
-            (self.out / "metrics.jsonl").unlink(missing_ok=True)
+            self.run.write_config(cfg)
+            self.run.log_path.unlink(missing_ok=True)
         self.ddp_model = self._wrap_ddp(self.model)
         if cfg.train.get("compile", False):  # the training forward only; checkpoints keep self.model's names
             self.ddp_model = torch.compile(self.ddp_model)
@@ -283,7 +271,7 @@ class Trainer:
     def _check_run_dir(self, resume: bool) -> None:
         if self.out.exists() and not self.out.is_dir():
             raise OutputPathError(f"run folder {self.out} is an existing file; choose another --out")
-        has_run = (self.out / POINTER).is_file() or (self.out / "state.pt").is_file()
+        has_run = self.run.has_checkpoint
         if resume and not has_run:
             raise CheckpointError(f"{self.out}: nothing to resume (no state.pt); drop --resume to start a new run")
         if not resume and has_run:
@@ -291,9 +279,6 @@ class Trainer:
                                   f"another --out")
 
     def _build_model(self) -> nn.Module:
-        from .. import create_model
-        from ..models.upcycle import upcycle_from_timm
-
         cfg = self.cfg
         overrides = OmegaConf.to_container(cfg.model.overrides, resolve=True)
         if cfg.train.drop_path is not None:
@@ -355,17 +340,16 @@ class Trainer:
         if not self.ctx.is_main:
             return
         extra = {"step": self.step, "epoch": self.epoch, "run": self.cfg.name}
-        files = {"last.safetensors": model_writer(self.model, extra)}
+        files = {LAST_FILE: model_writer(self.model, extra)}
         if best:
-            files["best.safetensors"] = model_writer(self.model, {**extra, "score": self.best_score})
-        files["state.pt"] = lambda p: torch.save(state, p)
+            files[BEST_FILE] = model_writer(self.model, {**extra, "score": self.best_score})
+        files[STATE_FILE] = lambda p: torch.save(state, p)
         # one unit: a kill at any instant leaves the previous or this checkpoint committed, never a mix
         commit_run_checkpoint(self.out, files, info={"step": self.step, "epoch": self.epoch})
 
     def _load_state(self) -> None:
-        committed = committed_run_files(self.out)  # None: a run of an older modsquad, top-level files only
-        path = committed["state.pt"] if committed else self.out / "state.pt"
-        last = committed["last.safetensors"] if committed else self.out / "last.safetensors"
+        # the committed checkpoint (checkpoint.json); the top-level files for a run of an older modsquad
+        path, last = self.run.committed(STATE_FILE), self.run.committed(LAST_FILE)
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
@@ -378,7 +362,7 @@ class Trainer:
         diff = sorted(k for k in set(saved) | set(mine) if k != "name" and saved.get(k) != mine.get(k))
         if diff:
             raise CheckpointError(f"{last}: model differs from the config's in {', '.join(diff)}; resume with the "
-                                  f"run's own config ({self.out / 'config.yaml'})")
+                                  f"run's own config ({self.run.config_path})")
         self.model.load_state_dict(read_state_dict(last, self.device))
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -401,7 +385,7 @@ class Trainer:
 
     def _truncate_log(self) -> None:
         """Drop metrics.jsonl lines written after the checkpoint we resume from (and a torn last line)."""
-        path = self.out / "metrics.jsonl"
+        path = self.run.log_path
         if not path.is_file():
             return
         keep = []
@@ -420,7 +404,7 @@ class Trainer:
         """Append one record to metrics.jsonl (and TensorBoard); main process only."""
         if not self.ctx.is_main:
             return
-        with open(self.out / "metrics.jsonl", "a") as f:
+        with open(self.run.log_path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.writer is not None:
             for key, value in _flat(record).items():
@@ -455,14 +439,11 @@ class Trainer:
     def _loss_terms(self, images: torch.Tensor, targets: dict, masks: dict
                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, float]]:
         """One forward for all tasks -> (total loss, {term: unweighted value}, {task: weight})."""
-        from ..tasks import get_task
-        from ..tasks.losses import task_loss
-
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             preds = self.ddp_model(images, tasks=self.tasks)
-        losses = {t: task_loss(get_task(t), preds[t], targets[t], masks.get(t),
+        losses = {t: task_losses.task_loss(get_task(t), preds[t], targets[t], masks.get(t),
                                loss=self.cfg.train.task_losses.get(t)) for t in self.tasks}
-        total, weights = self.weighting(losses, self.epoch)
+        total, weights = self.weighting(losses)
         terms = {f"loss/{t}": v for t, v in losses.items()}
         for name, value in self.model.aux_losses().items():
             terms[f"aux/{name}"] = value
@@ -483,7 +464,7 @@ class Trainer:
 
     def _stop(self, what: str) -> TrainingError:
         """The error that ends a run that cannot go on; nothing is saved, the last checkpoint stays."""
-        last = self.out / "last.safetensors"
+        last = self.run.last_path
         kept = (f"the last good checkpoint {last} (step {read_metadata(last)['step']}) is kept" if last.is_file()
                 else "no checkpoint was saved yet")
         return TrainingError(f"{what}; stopped, {kept} (lower train.lr, set train.clip_grad, or check the data)")
@@ -535,8 +516,6 @@ class Trainer:
 
     def evaluate(self) -> dict | None:
         """Validation metrics now (None without a val set); tracks the best score. Collective under DDP."""
-        from ..tasks.metrics import delta_m, zero_baseline_tasks
-
         if self.val_set is None:
             return None
         cfg = self.cfg
@@ -643,7 +622,7 @@ class Trainer:
             interrupted = True
             self._undo_partial_step()
             self.save()
-            self._print(f"[yellow]interrupted at step {self.step}; saved {self.out / 'last.safetensors'} and "
+            self._print(f"[yellow]interrupted at step {self.step}; saved {self.run.last_path} and "
                         f"state.pt; continue with --resume[/]")
         finally:
             if self.writer is not None:
@@ -660,8 +639,6 @@ class Trainer:
 
 
 def _primary(task: str) -> str:
-    from ..tasks import get_task
-
     return get_task(task).primary
 
 
@@ -696,12 +673,10 @@ def train(cfg: DictConfig | None, out: str | Path | None = None, resume: bool = 
     With `resume=True` and no `cfg`, the run's own config.yaml is used. Under torchrun, every process calls
     this; only rank 0 writes files and prints.
     """
-    from ..config import load_config
-
     if cfg is None:
         if out is None or not resume:
             raise ConfigError("train: give a config (only a resumed run can reuse its own config.yaml)")
-        cfg = load_config(Path(out) / "config.yaml")
+        cfg = Run(out).resume_config()
     out = Path(out or cfg.output.dir or Path("runs") / (cfg.name or "run"))
     trainer = Trainer(cfg, out, resume=resume, stop_after=stop_after, console=console, progress=progress)
     try:

@@ -3,9 +3,9 @@ the run's delta_m score): such tasks are left out of the score's mean and named 
 
 import json
 
-from modsquad.engine import trainer as trainer_module
-from modsquad.engine.checkpoint import read_metadata
-from modsquad.engine.trainer import train
+from modsquad.checkpoint import read_metadata
+from modsquad.train import trainer as trainer_module
+from modsquad.train.trainer import train
 
 TASKS = ["depth_euclidean", "normal", "segment_semantic"]
 
