@@ -52,9 +52,11 @@ class _OneLineUsageErrors(TyperGroup):
             raise typer.Exit(2) from None
 
 
+_HELP_NAMES = {"help_option_names": ["-h", "--help"]}
 app = _App(name="modsquad", help="Multi-task vision with mixture-of-experts ViTs (Mod-Squad and friends).",
-           no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, cls=_OneLineUsageErrors)
-data_app = typer.Typer(help="Make and check datasets.", no_args_is_help=True)
+           no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, cls=_OneLineUsageErrors,
+           context_settings=_HELP_NAMES)
+data_app = typer.Typer(help="Make and check datasets.", no_args_is_help=True, context_settings=_HELP_NAMES)
 app.add_typer(data_app, name="data")
 
 
@@ -89,6 +91,13 @@ def _out_dir(path: Path | None, option: str = "--out") -> Path | None:
         if p.exists() and not p.is_dir():
             raise OutputPathError(f"{option} {path}: {p} is an existing file, not a folder; choose another path")
     return path
+
+
+def _under_run(checkpoint: Path, name: str) -> Path:
+    """The default output folder `name` inside the run of `checkpoint` (a run folder or a file in one)."""
+    from .run import Run
+
+    return _out_dir(Run.of(checkpoint).path / name)
 
 
 def _at_least(option: str, value: int | float | None, low: int = 1) -> None:
@@ -188,16 +197,39 @@ def data_check(root: Path = typer.Argument(..., help="Dataset root."),
     console.print(f"[green]ok[/] for {', '.join(report.tasks) or 'rgb only'}")
 
 
+# --- configs -------------------------------------------------------------------------------------------------
+
+@app.command("configs")
+@user_errors
+def configs_cmd():
+    """List the packaged run configs with their descriptions; each is usable by name in `train --config NAME`.
+
+    Example: modsquad configs
+    """
+    from .config import CONFIG_DIR, list_configs
+
+    table = Table(title="Packaged configs (train --config NAME)", title_justify="left",
+                  caption=f"files in {CONFIG_DIR}; copy one to change it, or override keys with --set",
+                  caption_justify="left")
+    table.add_column("name", no_wrap=True)
+    table.add_column("description", overflow="fold")
+    for name, description in list_configs().items():
+        table.add_row(name, description)
+    console.print(table)
+
+
 # --- train and eval --------------------------------------------------------------------------------------------
 
 @app.command("train")
 @user_errors
-def train_cmd(config: Path = typer.Option(None, "--config", "-c", help="Run config (configs/*.yaml). With "
-                                          "--resume it defaults to the run's own config.yaml."),
+def train_cmd(config: Path = typer.Option(None, "--config", "-c", help="Run config: a packaged config's name "
+                                          "(`modsquad configs` lists them) or a YAML file. With --resume it "
+                                          "defaults to the run's own config.yaml."),
               overrides: list[str] = typer.Option([], "--set", help="Override a config key, e.g. --set "
                                                   "train.epochs=2 (repeatable)."),
               out: Path = typer.Option(None, "--out", help="Run directory (default: output.dir, else runs/<name>)."),
-              resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its state.pt."),
+              resume: bool = typer.Option(False, "--resume/--no-resume", help="Continue the run in --out from its "
+                                          "state.pt."),
               stop_after: int = typer.Option(None, "--stop-after", help="Stop (with a checkpoint) after this many "
                                              "steps in all, keeping the schedule; continue later with --resume."),
               from_run: Path = typer.Option(None, "--from", help="Trained run (or checkpoint) to add tasks to; "
@@ -209,11 +241,13 @@ def train_cmd(config: Path = typer.Option(None, "--config", "-c", help="Run conf
                                          "(only new heads) or none (everything)."),
               router_init_from: str = typer.Option(None, "--router-init-from", help="With --from: start the new "
                                                    "tasks' routers from this old task's (reuse its experts).")):
-    """Train a multi-task model: writes config.yaml, last/best.safetensors, state.pt and metrics.jsonl.
+    """Train a multi-task model: writes config.yaml, last/best.safetensors, state.pt and the log (metrics.jsonl,
+    metrics.csv, TensorBoard events in tb/).
 
-    Example: modsquad train --config configs/synthetic_tiny.yaml --set train.epochs=2 --out runs/tiny.
-    Multi-GPU: torchrun --nproc_per_node 8 --no-python modsquad train --config configs/taskonomy_vit_s.yaml.
-    Add a task: modsquad train --from runs/tiny --add-tasks reshading --freeze experts --set train.steps=100.
+    Examples (a tiny run on CPU; then a task it does not have added to it; a paper config on 8 GPUs):
+      modsquad train --config synthetic_tiny --set train.epochs=2 --out runs/tiny
+      modsquad train --from runs/tiny --add-tasks principal_curvature --freeze experts --out runs/tiny_curv
+      torchrun --nproc_per_node 8 --no-python modsquad train --config taskonomy_vit_s
     """
     _out_dir(out)
     _at_least("--stop-after", stop_after)
@@ -226,8 +260,9 @@ def train_cmd(config: Path = typer.Option(None, "--config", "-c", help="Run conf
         result = _train(config, overrides, out, resume, stop_after)
     if result.interrupted:
         raise typer.Exit(130)
-    best = f", best score {result.best_score:+.2f}" if result.best_score is not None else ""
-    console.print(f"[green]done[/]: {result.step}/{result.total_steps} steps in {result.out}{best}")
+    if result.is_main:  # under torchrun every process runs this command; one `done` line
+        best = f", best delta_m {result.best_score:+.2f}%" if result.best_score is not None else ""
+        console.print(f"[green]done[/]: {result.step}/{result.total_steps} steps in {result.out}{best}", highlight=False)
 
 
 def _adds_tasks(out: Path) -> bool:
@@ -290,7 +325,7 @@ def eval_cmd(checkpoint: Path = typer.Argument(..., help="Run directory (best, e
              visualize: int = typer.Option(0, "--visualize", help="Draw this many predictions into OUT/predictions.")):
     """Per-task metrics of a checkpoint -> metrics.json (metrics_<split>.json for other splits), + delta_m.
 
-    Example: modsquad eval runs/tiny --baseline runs/tiny_dense.
+    Example: modsquad eval runs/tiny --baseline runs/tiny_dense
     """
     from .evaluate.evaluator import evaluate, metrics_table
 
@@ -312,20 +347,23 @@ def eval_cmd(checkpoint: Path = typer.Argument(..., help="Run directory (best, e
 def compare_cmd(runs: list[Path] = typer.Argument(..., help="Run directories (each evaluated: metrics.json)."),
                 baseline: Path | None = typer.Option(None, "--baseline", help="Run for delta_m (default: the first "
                                                      "dense run among RUNS, else none)."),
-                out: Path = typer.Option(Path("compare_out"), "--out", help="Where compare.md, compare.json and "
-                                         "compare.png go."),
+                out: Path | None = typer.Option(None, "--out", help="Where compare.md, compare.json and "
+                                                "compare.png go (default: compare/ in the folder holding the "
+                                                "runs, or in the run when there is one)."),
                 split: str = typer.Option("val", "--split", help="Which metrics file to read (metrics.json = val)."),
                 flops: bool = typer.Option(True, "--flops/--no-flops", help="Count active FLOPs per image.")):
     """One table (and PNG) of every run's task metrics, delta_m, params, active FLOPs and expert-usage sparsity.
 
-    Example: modsquad compare runs/dense runs/per_task runs/task_level --baseline runs/dense.
+    Example: modsquad compare runs/dense runs/per_task runs/task_level --baseline runs/dense
     """
-    from .bench.compare import compare_runs, compare_table, write_compare
+    from .bench.compare import compare_runs, compare_table, default_compare_out, task_metrics_table, write_compare
 
     _out_dir(out)
     result = compare_runs(runs, baseline, split=split, flops=flops)
+    out = out if out is not None else default_compare_out(result)
     paths = write_compare(result, out)
     console.print(compare_table(result))
+    console.print(task_metrics_table(result))
     console.print(f"wrote {paths['md']}, {paths['json']} and {paths['png']}", highlight=False, soft_wrap=True)
 
 
@@ -344,8 +382,10 @@ def _batch_sizes(value: str) -> list[int]:
 @app.command()
 @user_errors
 def bench(checkpoint: Path = typer.Argument(..., help="Run directory or .safetensors checkpoint of the full model."),
-          extracted: Path = typer.Option(..., "--extracted", help="Directory written by `modsquad extract`."),
-          out: Path = typer.Option(Path("bench_out"), "--out", help="Where bench.json, bench.md, bench.png go."),
+          extracted: Path | None = typer.Option(None, "--extracted", help="Directory written by `modsquad extract` "
+                                                "(default: the run's extracted/)."),
+          out: Path | None = typer.Option(None, "--out", help="Where bench.json, bench.md, bench.png go (default: "
+                                          "the run's bench/)."),
           tasks: str | None = typer.Option(None, "--tasks", help="Comma-separated tasks (default: all extracted)."),
           batch_size: str = typer.Option(None, "--batch-size", help="Latency and throughput batch sizes "
                                          "(default 1,32)."),
@@ -361,15 +401,18 @@ def bench(checkpoint: Path = typer.Argument(..., help="Run directory or .safeten
           threads: int | None = typer.Option(None, "--threads", help="CPU threads while measuring."),
           dense_baseline: bool = typer.Option(True, "--dense-baseline/--no-dense-baseline",
                                               help="Also measure a same-shape dense timm ViT per task."),
-          compile: bool = typer.Option(False, "--compile", help="Time torch.compile'd models (compiled in "
+          compile: bool = typer.Option(False, "--compile/--no-compile", help="Time torch.compile'd models (compiled in "
                                        "warm-up; needs a C++ compiler on CPU).")):
     """Pruned vs full vs dense timm: params, FLOPs, latency, throughput, memory, metrics -> bench.json/md/png.
 
-    Example: modsquad bench runs/tiny --extracted runs/tiny/extracted --batch-size 1,32 --out runs/tiny/bench
+    Examples (the second writes runs/tiny/bench from runs/tiny/extracted, the defaults):
+      modsquad bench runs/tiny --extracted runs/tiny/extracted --batch-size 1,32 --out runs/tiny/bench
+      modsquad bench runs/tiny
     """
     from .bench import benchmark, summary_table, write_report
 
-    _out_dir(out)
+    out = _out_dir(out) or _under_run(checkpoint, "bench")
+    extracted = extracted if extracted is not None else _under_run(checkpoint, "extracted")
     _at_least("--repeats", repeats)
     _at_least("--warmup", warmup, 0)
     _at_least("--max-images", max_images, 0)
@@ -388,7 +431,7 @@ def bench(checkpoint: Path = typer.Argument(..., help="Run directory or .safeten
 @app.command()
 @user_errors
 def demo(out: Path = typer.Option(Path("demo_out"), "--out", help="Folder for every artefact of the demo."),
-         quick: bool = typer.Option(False, "--quick", help="A smaller, faster run (tests, smoke checks)."),
+         quick: bool = typer.Option(False, "--quick/--no-quick", help="A smaller, faster run (tests, smoke checks)."),
          images: int | None = typer.Option(None, "--images", help="Synthetic images to render."),
          steps: int | None = typer.Option(None, "--steps", help="Training steps."),
          size: int | None = typer.Option(None, "--size", help="Image size in pixels."),
@@ -396,7 +439,9 @@ def demo(out: Path = typer.Option(Path("demo_out"), "--out", help="Folder for ev
          threads: int = typer.Option(1, "--threads", help="torch CPU threads (1 suits the tiny model best).")):
     """Synthesise a suite, train with the MI loss, evaluate, extract every task, benchmark pruned vs full.
 
-    Example: modsquad demo --out demo_out   (about 3 minutes on 2 CPU cores; --quick for a smoke run)
+    About 3 minutes on 2 CPU cores; --quick for a smoke run.
+
+    Example: modsquad demo --out demo_out
     """
     from .demo import run_demo
 
@@ -465,13 +510,14 @@ def usage_cmd(checkpoint: Path = typer.Argument(..., help="Run directory or .saf
 @app.command("extract")
 @user_errors
 def extract_cmd(checkpoint: Path = typer.Argument(..., help="Run directory or .safetensors checkpoint."),
-                out: Path = typer.Option(..., "--out", help="Folder for one <task>/ directory per task."),
+                out: Path | None = typer.Option(None, "--out", help="Folder for one <task>/ directory per task "
+                                                "(default: the run's extracted/)."),
                 tasks: str | None = typer.Option(None, "--tasks", help="Comma-separated tasks (default: all)."),
                 threshold: float | None = typer.Option(None, "--threshold", help="Keep experts whose usage share "
                                                        "exceeds T, in [0, 1) (default: every expert used once)."),
                 mass: float | None = typer.Option(None, "--mass", help="Keep the fewest experts carrying this "
                                                   "share of the routing, in (0, 1]."),
-                paper_threshold: bool = typer.Option(False, "--paper-threshold", help="Mod-Squad's rule: keep "
+                paper_threshold: bool = typer.Option(False, "--paper-threshold/--no-paper-threshold", help="Mod-Squad's rule: keep "
                                                      "experts whose usage exceeds 3/k % (k = the layer's top-k)."),
                 usage: Path | None = typer.Option(None, "--usage", help="usage.json from `modsquad usage` "
                                                   "(default: count usage now)."),
@@ -482,17 +528,18 @@ def extract_cmd(checkpoint: Path = typer.Argument(..., help="Run directory or .s
                 max_images: int | None = typer.Option(None, "--max-images", help="Count usage on at most N images."),
                 batch_size: int | None = typer.Option(None, "--batch-size", help="Images per forward."),
                 workers: int = typer.Option(0, "--workers", help="DataLoader worker processes."),
-                onnx: bool = typer.Option(False, "--onnx", help="Also export model.onnx, checked with onnxruntime."),
+                onnx: bool = typer.Option(False, "--onnx/--no-onnx", help="Also export model.onnx, checked with onnxruntime."),
                 check_images: int = typer.Option(4, "--check-images", help="Held-out images to compare with the full model (max |diff|)."),
                 device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.")):
     """Write a standalone model per task with only the experts it uses -> OUT/<task>/{model.safetensors, config.json}.
 
-    Example: modsquad extract runs/tiny --out runs/tiny/extracted --mass 0.99 --onnx
+    Example (writes runs/tiny/extracted/<task>/, the default --out):
+      modsquad extract runs/tiny --mass 0.99 --onnx
     """
     from .extract.export import extract
     from .extract.prune import PAPER
 
-    _out_dir(out)
+    out = _out_dir(out) or _under_run(checkpoint, "extracted")
     _at_least("--max-images", max_images)
     _at_least("--batch-size", batch_size)
     _at_least("--workers", workers, 0)
@@ -547,13 +594,13 @@ def predict_cmd(model: Path = typer.Argument(..., help="Extracted model director
                 task_old: str | None = typer.Option(None, "--task", hidden=True),
                 batch_size: int = typer.Option(8, "--batch-size", help="Images per forward."),
                 device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-                compile: bool = typer.Option(False, "--compile", help="torch.compile the model first (pays off "
+                compile: bool = typer.Option(False, "--compile/--no-compile", help="torch.compile the model first (pays off "
                                              "for many images; needs a C++ compiler on CPU).")):
-    """Predict images with a standalone (or full) model: per image and task a panel input | prediction with a
-    colour bar and units (or a legend of the classes present), and with --raw the prediction itself.
+    """Predict images: per image and task a panel input | prediction with a colour bar and units (or the classes).
 
-    Aspect ratio is kept: the short side is resized to the model's input size (the long side at most 4x it),
-    padded to a multiple of the patch size, and the prediction is cropped and resized back to the image.
+    Aspect ratio is kept: short side resized to the model's input size (long side at most 4x it), padded to the
+    patch grid; the prediction is cropped and resized back to the image. --raw also writes the prediction itself.
+
     Unreadable files are skipped and listed; the exit code is 2 only when nothing could be predicted.
 
     Example: modsquad predict runs/tiny/extracted/normal photos 'shots/*.jpg' --out preds --raw

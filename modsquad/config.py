@@ -1,11 +1,13 @@
-"""Typed, strict run configs: dataclasses -> omegaconf structured config, loaded from configs/*.yaml.
+"""Typed, strict run configs: dataclasses -> omegaconf structured config, loaded from YAML files.
 
+Configs ship inside the package (modsquad/configs/*.yaml) and resolve by name: `load_config("synthetic_tiny")`
+is that file, `list_configs()` lists them with their descriptions; a path to any YAML file works as well.
 A config file lists only what differs from the defaults below (or from its `base:` file, a path or list of
 paths resolved relative to the file), and `--set a.b=c` overrides are applied last (values parsed as YAML:
 `--set model.tasks=[normal,reshading]`, `--set train.clip_grad=null`). Every key is checked against the
 schema: a misspelt key, a wrong type or a bad choice is a `ConfigError` naming the key and the file.
 
-    cfg = load_config("configs/synthetic_tiny.yaml", ["train.epochs=2"])
+    cfg = load_config("synthetic_tiny", ["train.epochs=2"])  # or a path: load_config("my.yaml")
     cfg.train.lr, cfg.model.tasks           # attribute access, typed
     save_config(cfg, "runs/x/config.yaml")  # resolved YAML; load_config reads it back
 """
@@ -124,6 +126,7 @@ class OutputConfig:
     dir: str | None = None  # None = runs/<name>
     save_every: int = 1  # epochs between checkpoints
     visualize: int = 4  # validation images drawn as prediction grids (0 = none)
+    tensorboard: bool = True  # TensorBoard event files in <run>/tb/ beside metrics.jsonl and metrics.csv
 
 
 @dataclass
@@ -139,6 +142,8 @@ class Config:
 
 
 BASE_KEY = "base"
+#: the packaged configs, resolvable by name (`--config synthetic_tiny`)
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.format": ("synthetic", "taskonomy", "pascal_context"),
     "data.on_error": ("raise", "skip"),
@@ -421,13 +426,47 @@ def _apply_overrides(cfg: DictConfig, overrides: Sequence[str] | None, source: s
     return cfg
 
 
-def load_config(path: str | Path, overrides: Sequence[str] | None = None) -> DictConfig:
-    """Load a YAML config (following `base:` includes), apply `key=value` overrides, validate.
+def list_configs() -> dict[str, str]:
+    """{name: description} of the packaged configs (modsquad/configs/*.yaml), sorted by name."""
+    out = {}
+    for path in sorted(CONFIG_DIR.glob("*.yaml")):
+        try:
+            raw = _read_yaml(path)
+        except ConfigError:
+            raw = {}
+        out[path.stem] = str(raw.get("description") or "")
+    return out
 
-    Raises ConfigError naming the file and key for a missing file, invalid YAML, an unknown key (with the
-    closest valid key), a wrong type, or a value outside its choices/range.
+
+def resolve_config(name_or_path: str | Path) -> Path:
+    """The YAML file of a config given by path or by packaged name (`synthetic_tiny`, `synthetic_tiny.yaml`).
+
+    An existing file wins; otherwise a packaged config of that name (also for the old `configs/NAME.yaml`
+    paths of a checkout, whose files now live in the package). ConfigError listing the closest names else.
     """
-    path = Path(path)
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    name = path.name.removesuffix(".yaml").removesuffix(".yml")
+    packaged = CONFIG_DIR / f"{name}.yaml"
+    if packaged.is_file() and (len(path.parts) == 1 or path.parent == Path("configs")):
+        return packaged
+    if path.exists():  # a folder: _read_yaml says what is wrong with it
+        return path
+    names = list(list_configs())
+    close = difflib.get_close_matches(name, names, n=4, cutoff=0.5)
+    hint = (f"; did you mean {', '.join(close)}?" if close else "") + " (`modsquad configs` lists the packaged ones)"
+    raise ConfigError(f"config {str(name_or_path)!r} not found: neither a file nor a packaged config name{hint}")
+
+
+def load_config(path: str | Path, overrides: Sequence[str] | None = None) -> DictConfig:
+    """Load a YAML config by path or packaged name (following `base:` includes), apply `key=value`
+    overrides, validate.
+
+    Raises ConfigError naming the file and key for a missing file (with the closest packaged names), invalid
+    YAML, an unknown key (with the closest valid key), a wrong type, or a value outside its choices/range.
+    """
+    path = resolve_config(path)
     cfg = default_config()
     for source, raw in _load_chain(path):
         cfg = _merge(cfg, raw, source)
@@ -458,5 +497,5 @@ def effective_lr(cfg: DictConfig, world_size: int = 1) -> float:
 
 
 __all__ = ["AuxConfig", "Config", "DataConfig", "EvalConfig", "ModelConfig", "OutputConfig", "SynthConfig",
-           "TrainConfig", "config_from_dict", "config_to_dict", "default_config", "effective_lr", "load_config",
-           "save_config"]
+           "TrainConfig", "config_from_dict", "config_to_dict", "default_config", "effective_lr", "list_configs",
+           "load_config", "resolve_config", "save_config"]

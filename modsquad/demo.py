@@ -3,7 +3,7 @@
     result = run_demo("demo_out")            # synth -> train -> eval -> usage -> extract -> bench
 
 1. render a small synthetic suite (Taskonomy layout, exact labels) into OUT/data;
-2. train `modsquad_vit_tiny` on its tasks (configs/synthetic_tiny.yaml) with the mutual-information loss, which
+2. train `modsquad_vit_tiny` on its tasks (the packaged config synthetic_tiny) with the mutual-information loss, which
    makes each task concentrate on a few experts, into OUT/run;
 3. evaluate the run on the val split (OUT/run/metrics.json);
 4. count expert usage on the training split (OUT/usage/usage.{json,png}: task x expert heatmaps);
@@ -30,7 +30,7 @@ from rich.table import Table
 from .bench import benchmark, summary_table, write_report
 from .bench.bench import fixed_threads
 from .bench.report import primary_metric
-from .config import load_config
+from .config import CONFIG_DIR, load_config
 from .core.atomic import atomic_write
 from .core.errors import ConfigError
 from .data import synthesize
@@ -83,15 +83,15 @@ class DemoResult:
 
 
 def config_path() -> Path:
-    """configs/synthetic_tiny.yaml of this checkout (the demo's base config)."""
-    path = Path(__file__).resolve().parent.parent / "configs" / CONFIG
+    """The packaged synthetic_tiny.yaml (the demo's base config)."""
+    path = CONFIG_DIR / CONFIG
     if not path.is_file():
-        raise ConfigError(f"{path}: the demo's base config is missing (run the demo from a modsquad checkout)")
+        raise ConfigError(f"{path}: the demo's base config is missing (reinstall modsquad)")
     return path
 
 
 def demo_overrides(out: Path, size: DemoSize, device: str) -> list[str]:
-    """`--set` overrides turning configs/synthetic_tiny.yaml into the demo run (data in OUT/data, MI loss on)."""
+    """`--set` overrides turning synthetic_tiny.yaml into the demo run (data in OUT/data, MI loss on)."""
     overrides = [
         f"data.root={out / 'data'}",
         f"data.synth.images={size.images}",

@@ -10,10 +10,11 @@ Layout (`modsquad train` writes it; see `train/trainer.py` and `checkpoint.py` f
     checkpoint.json, ckpt/<n>/      the committed checkpoint (pointer + folder), linked to the top level as
     last.safetensors, best.safetensors, state.pt
     metrics.jsonl                   training log, one JSON record per log step and per evaluation
+    metrics.csv, tb/                the same log as a table and as TensorBoard events (train/sinks.py)
     metrics.json, metrics_<s>.json  `modsquad eval` results (val, other splits)
     grow.json                       only in runs that added tasks to another run (`train --from --add-tasks`)
     usage.json, usage.png           `modsquad usage` results
-    predictions/, tb/               evaluation grids, TensorBoard events
+    predictions/                    evaluation grids
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ STATE_FILE = "state.pt"
 LAST_FILE = "last.safetensors"
 BEST_FILE = "best.safetensors"
 LOG_FILE = "metrics.jsonl"
+CSV_FILE = "metrics.csv"
+TENSORBOARD_DIR = "tb"
 METRICS_FILE = "metrics.json"
 GROW_FILE = "grow.json"
 USAGE_FILE = "usage.json"
@@ -68,6 +71,16 @@ class Run:
     def log_path(self) -> Path:
         """metrics.jsonl, the training log."""
         return self.path / LOG_FILE
+
+    @property
+    def csv_path(self) -> Path:
+        """metrics.csv, the training log as a table."""
+        return self.path / CSV_FILE
+
+    @property
+    def tensorboard_dir(self) -> Path:
+        """tb/, TensorBoard event files of the training log."""
+        return self.path / TENSORBOARD_DIR
 
     @property
     def state_path(self) -> Path:
@@ -170,5 +183,5 @@ def metrics_file(split: str) -> str:
     return METRICS_FILE if split == "val" else f"metrics_{split}.json"
 
 
-__all__ = ["BEST_FILE", "CONFIG_FILE", "GROW_FILE", "LAST_FILE", "LOG_FILE", "METRICS_FILE", "Run", "STATE_FILE",
-           "USAGE_FILE", "metrics_file"]
+__all__ = ["BEST_FILE", "CONFIG_FILE", "CSV_FILE", "GROW_FILE", "LAST_FILE", "LOG_FILE", "METRICS_FILE", "Run",
+           "STATE_FILE", "TENSORBOARD_DIR", "USAGE_FILE", "metrics_file"]

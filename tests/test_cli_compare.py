@@ -18,7 +18,7 @@ TINY = {"embed_dim": 32, "depth": 2, "num_heads": 2, "patch_size": 8, "attn_expe
 def _run(path, router, l1, angle):
     overrides = {**TINY, "router": router}
     model = create_model("modsquad_vit_tiny", TASKS, img_size=32, **overrides)
-    path.mkdir()
+    path.mkdir(parents=True)
     save_model(path / "last.safetensors", model, {"step": 3})
     save_config(config_from_dict({"model": {"name": "modsquad_vit_tiny", "tasks": TASKS, "img_size": 32,
                                             "overrides": overrides}}), path / "config.yaml")
@@ -48,11 +48,29 @@ def test_compare_cli(tmp_path):
     assert result.exit_code == 0 and "+0.00" in _output(result), _output(result)
 
 
+def test_compare_cli_uses_the_training_eval_and_writes_beside_the_runs(tmp_path, monkeypatch):
+    """No `modsquad eval` needed: the eval record training wrote to metrics.jsonl is used; without --out the
+    files go to compare/ beside the runs, not into the current folder; a run given twice shows once."""
+    dense = _run(tmp_path / "runs" / "dense", "dense", 0.5, 20.0)
+    moe = _run(tmp_path / "runs" / "moe", "per_task", 0.25, 20.0)
+    (tmp_path / "runs" / "moe" / "metrics.json").unlink()
+    record = {"kind": "eval", "step": 3, "metrics": {"depth_euclidean": {"l1": 0.25}, "normal": {"mean_angle": 20.0}}}
+    (tmp_path / "runs" / "moe" / "metrics.jsonl").write_text(json.dumps(record) + "\n")
+    monkeypatch.chdir(tmp_path / "runs" / "moe")
+    result = CliRunner().invoke(app, ["compare", dense, moe, f"{moe}/", "--no-flops"], terminal_width=100)
+    assert result.exit_code == 0, _output(result)
+    assert "+25.00" in _output(result) and "metrics.jsonl step 3" in _output(result)
+    assert sorted(p.name for p in (tmp_path / "runs" / "compare").iterdir()) == ["compare.json", "compare.md",
+                                                                                  "compare.png"]
+    assert len(json.loads((tmp_path / "runs" / "compare" / "compare.json").read_text())["runs"]) == 2
+    assert not (tmp_path / "runs" / "moe" / "compare_out").exists()
+
+
 def test_compare_cli_needs_eval(tmp_path):
     run = _run(tmp_path / "fresh", "per_task", 0.3, 10.0)
     (tmp_path / "fresh" / "metrics.json").unlink()
     result = CliRunner().invoke(app, ["compare", run, "--out", str(tmp_path / "cmp")])
     assert result.exit_code == 2
-    assert "no metrics.json; run `modsquad eval" in _output(result)
+    assert "no metrics.json and no val evaluation in metrics.jsonl; run `modsquad eval" in _output(result)
     result = CliRunner().invoke(app, ["compare", str(tmp_path / "missing"), "--out", str(tmp_path / "cmp")])
     assert result.exit_code == 2 and "missing" in _output(result)

@@ -89,10 +89,12 @@ def test_extract_and_predict(run_dir, tmp_path):
 
     image = tmp_path / "photo.jpg"
     cv2.imwrite(str(image), np.random.default_rng(0).integers(0, 255, (50, 70, 3), dtype=np.uint8))
-    _ok(["predict", out / "normal", image, "--out", tmp_path / "pred"])
-    assert cv2.imread(str(tmp_path / "pred" / "photo_normal.png")).shape == (50, 70, 3)
-    _ok(["predict", run_dir, image, "--task", "segment_semantic", "--out", tmp_path / "pred"])
-    assert sorted(p.name for p in (tmp_path / "pred").iterdir()) == ["photo_normal.png", "photo_segment_semantic.png"]
+    _ok(["predict", out / "normal", image, "--out", tmp_path / "pred", "--raw"])
+    assert cv2.imread(str(tmp_path / "pred" / "photo_normal_raw.png")).shape == (50, 70, 3)  # at the photo's size
+    assert cv2.imread(str(tmp_path / "pred" / "photo_normal.png")).shape[1] > 2 * 70  # input | prediction panel
+    _ok(["predict", run_dir, image, "--tasks", "segment_semantic", "--out", tmp_path / "pred"])
+    assert sorted(p.name for p in (tmp_path / "pred").iterdir()) == [
+        "photo_normal.png", "photo_normal_raw.png", "photo_segment_semantic.png"]
 
 
 def test_extract_with_usage_file_and_mass(run_dir, tmp_path):
@@ -165,8 +167,13 @@ def test_unreadable_image(run_dir, tmp_path):
     good = tmp_path / "good.png"
     cv2.imwrite(str(good), np.zeros((32, 32, 3), np.uint8))
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
-    _user_error(["predict", run_dir, good, tmp_path / "broken.jpg", "--out", tmp_path / "pred"], "broken.jpg")
-    assert not (tmp_path / "pred").exists()
+    # a batch skips and reports the unreadable file and predicts the rest
+    result = _ok(["predict", run_dir, good, tmp_path / "broken.jpg", "--out", tmp_path / "pred"])
+    assert "broken.jpg" in result.output.replace("\n", "") and "Traceback" not in result.output
+    assert any(p.name.startswith("good_") for p in (tmp_path / "pred").iterdir())
+    # nothing readable at all: one line, exit 2, nothing written
+    _user_error(["predict", run_dir, tmp_path / "broken.jpg", "--out", tmp_path / "pred2"], "broken.jpg")
+    assert not (tmp_path / "pred2").exists()
 
 
 def test_not_an_extracted_model(run_dir, tmp_path):

@@ -1,12 +1,19 @@
-from pathlib import Path
-
 import pytest
 import yaml
 
-from modsquad.config import config_from_dict, config_to_dict, effective_lr, load_config, save_config
+from modsquad.config import (
+    CONFIG_DIR,
+    config_from_dict,
+    config_to_dict,
+    effective_lr,
+    list_configs,
+    load_config,
+    resolve_config,
+    save_config,
+)
 from modsquad.core.errors import ConfigError
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
 SUITES = ("synthetic_tiny", "taskonomy_vit_s", "pascal_context_vit_s")
 
 
@@ -165,3 +172,22 @@ def test_section_shapes(tmp_path):
     assert cfg.aux.mi == 0.0
     with pytest.raises(ConfigError, match=r"model\.tasks: expected a list"):
         load_config(_write(tmp_path, BASIC.replace("tasks: [depth_euclidean, normal]", "tasks: {a: 1}")))
+
+
+def test_packaged_configs_resolve_by_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # by name from any folder, no checkout needed
+    assert resolve_config("synthetic_tiny") == CONFIG_DIR / "synthetic_tiny.yaml"
+    assert resolve_config("synthetic_tiny.yaml") == CONFIG_DIR / "synthetic_tiny.yaml"
+    assert resolve_config("configs/synthetic_tiny.yaml") == CONFIG_DIR / "synthetic_tiny.yaml"  # old checkout path
+    cfg = load_config("synthetic_tiny_dense")  # `base:` includes resolve inside the package
+    assert cfg.name == "synthetic_tiny_dense" and cfg.model.name == "dense_vit_tiny"
+    own = _write(tmp_path, BASIC, "synthetic_tiny.yaml")  # a file of that name in the folder wins
+    assert resolve_config("synthetic_tiny.yaml").resolve() == own.resolve()
+    with pytest.raises(ConfigError, match=r"'synthetic_tiyn' not found.*did you mean synthetic_tiny\b.*modsquad configs"):
+        load_config("synthetic_tiyn")
+
+
+def test_list_configs_has_every_file_with_its_description():
+    listed = list_configs()
+    assert list(listed) == [p.stem for p in CONFIGS]
+    assert all(listed.values()), [n for n, d in listed.items() if not d]

@@ -2,15 +2,13 @@
 steps, shrunk to a 2-block dim-32 model with two tasks on 32 px images; every MoE variant then extracts each task
 and the extracted model matches the full one."""
 
-from pathlib import Path
-
 import pytest
 
-from modsquad.config import load_config
+from modsquad.config import CONFIG_DIR, load_config
 from modsquad.extract.export import extract
 from modsquad.train.trainer import train
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("synthetic_tiny*.yaml"))
+CONFIGS = sorted(CONFIG_DIR.glob("synthetic_tiny*.yaml"))
 SHRINK = ["model.img_size=32", "model.overrides.embed_dim=32", "model.overrides.depth=2",
           "model.overrides.num_heads=2", "model.overrides.attn_head_dim=16", "model.overrides.mlp_expert_hidden=32",
           "model.overrides.attn_experts=4", "model.overrides.mlp_experts=4", "model.tasks=[depth_euclidean,normal]",

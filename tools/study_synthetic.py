@@ -2,7 +2,7 @@
 """A small routing study on the built-in synthetic suite, end to end on CPU (about 10-15 minutes on 2 cores).
 
 What it runs, all on one rendered suite and one seed:
-  1. routers: the dense baseline and every router of configs/synthetic_tiny*.yaml (per_task, task_conditioned,
+  1. routers: the dense baseline and every router of the packaged synthetic_tiny*.yaml configs (per_task, task_conditioned,
      shared, task_level softmax / gumbel / gumbel_st), each with and without the MI loss, on 4 tasks
      (depth_euclidean, normal, edge_texture, keypoints2d); each run is evaluated and its expert usage
      counted on the val split, then `modsquad compare` puts them side by side (delta_m vs dense).
@@ -30,11 +30,11 @@ import time
 from pathlib import Path
 
 import torch
-from modsquad.bench.compare import compare_runs, summary_markdown, write_compare
 from rich.console import Console
 
+from modsquad.bench.compare import compare_runs, summary_markdown, write_compare
 from modsquad.checkpoint import load_model
-from modsquad.config import load_config
+from modsquad.config import CONFIG_DIR, load_config
 from modsquad.data import synthesize
 from modsquad.evaluate import evaluate
 from modsquad.extract.usage import compute_usage, save_usage
@@ -43,7 +43,7 @@ from modsquad.train import train
 from modsquad.train.transfer import train_add_tasks
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = REPO / "configs"
+CONFIGS = CONFIG_DIR
 #: Two 3-D and two 2-D tasks. segment_semantic is not among them: at 32 px and 300 steps every model of a first
 #: try predicted only the background class (miou 5.4 % in all 13 runs), which cannot tell routers apart.
 TASKS = ["depth_euclidean", "normal", "edge_texture", "keypoints2d"]

@@ -3,8 +3,11 @@
     result = compare_runs(["runs/dense", "runs/per_task", "runs/task_level"], baseline="runs/dense")
     paths = write_compare(result, "compare_out")        # compare.md, compare.json, compare.png
 
-Each run directory must hold a checkpoint (best, else last), its config.yaml and the metrics file of the split
-(`modsquad eval RUN` writes metrics.json); nothing is evaluated here, so a comparison is cheap and repeatable.
+Each run directory must hold a checkpoint (best, else last) and its config.yaml. Metrics come from the metrics
+file of the split when there is one (`modsquad eval RUN` writes metrics.json), else from the evaluation training
+already recorded in metrics.jsonl (the one at the checkpoint's step, else the last; training evaluates on
+data.val_split). Nothing is evaluated here, so a comparison is cheap and repeatable. A run given twice (the same
+folder by another path, or a checkpoint file inside it) is compared once.
 
 Columns (also written into compare.json under "definitions"):
     params        parameters of the whole multi-task model
@@ -123,11 +126,42 @@ def active_flops(model, img_size: int | Sequence[int] | None = None) -> int:
             m.track_usage = flag
 
 
+def _logged_eval(run: Run, step: int | None) -> dict | None:
+    """The eval record of metrics.jsonl at `step`, else the last one (None when training logged none)."""
+    if not run.log_path.is_file():
+        return None
+    records = []
+    for line in run.log_path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a torn last line of a killed run
+            continue
+        if isinstance(record, dict) and record.get("kind") == "eval" and isinstance(record.get("metrics"), dict):
+            records.append(record)
+    return next((r for r in records if r.get("step") == step), records[-1] if records else None)
+
+
+def run_metrics(path: str | Path, split: str = "val", step: int | None = None) -> tuple[dict, str]:
+    """({task: {metric: value}}, where they came from) of a run: its metrics file of `split`, else the
+    evaluation training recorded in metrics.jsonl (when `split` is the run's data.val_split)."""
+    run = Run(_run_dir(path))
+    if run.metrics_path(split).is_file():
+        return read_metrics(run.path, split, role="run"), run.metrics_path(split).name
+    cfg = run.config_or_none()
+    logged = _logged_eval(run, step) if cfg is None or cfg.data.val_split == split else None
+    if logged is None:
+        raise UserError(f"{run.path}: no {run.metrics_path(split).name} and no {split} evaluation in "
+                        f"{run.log_path.name}; run `modsquad eval {run.path}"
+                        f"{'' if split == 'val' else f' --split {split}'}` first")
+    return logged["metrics"], f"{run.log_path.name} step {logged.get('step')}"
+
+
 def describe_run(path: str | Path, split: str = "val", flops: bool = True) -> dict:
     """Everything `compare_runs` shows about one run directory (see the module docstring)."""
     run = _run_dir(path)
     ckpt = resolve_checkpoint(run)
-    metrics = read_metrics(run, split, role="run")
+    step = read_metadata(ckpt).get("step")
+    metrics, metrics_source = run_metrics(run, split, int(step) if step is not None else None)
     model = load_model(ckpt)
     aux = None
     cfg = Run(run).config_or_none()
@@ -138,13 +172,12 @@ def describe_run(path: str | Path, split: str = "val", flops: bool = True) -> di
     usage = usage_stats(counts) if counts else None
     if usage is not None:
         usage["source"] = usage_source
-    step = read_metadata(ckpt).get("step")
     return {
         "name": run.name, "path": str(run), "checkpoint": ckpt.name, "step": int(step) if step else None,
         "model": model.config.get("name"), "router": router, "label": label,
         "aux": {k: float(v) for k, v in aux.items() if k != "task_prior"} if aux else None,
         "tasks": list(model.tasks), "primary": {t: get_task(t).primary for t in model.tasks},
-        "metrics": {t: metrics[t] for t in model.tasks if t in metrics},
+        "metrics": {t: metrics[t] for t in model.tasks if t in metrics}, "metrics_source": metrics_source,
         "params": sum(p.numel() for p in model.parameters()),
         "flops": active_flops(model) if flops else None,
         "usage": usage,
@@ -166,6 +199,30 @@ def _delta(run: Mapping, base: Mapping) -> dict | None:
 
 # --- all runs ---------------------------------------------------------------------------------------------
 
+def unique_runs(runs: Sequence[str | Path]) -> list[Path]:
+    """`runs` as run folders, each once (first spelling kept): `runs/a`, `./runs/a/` and
+    `runs/a/best.safetensors` are one run; a folder `compare` wrote (compare.json, no config.yaml) is left out."""
+    seen, out = set(), []
+    for r in runs:
+        folder = _run_dir(r)
+        key = folder.resolve()
+        if (folder / "compare.json").is_file() and not Run(folder).has_config:
+            continue  # an earlier comparison's folder caught by a glob (`compare runs/*`), not a run
+        if key not in seen:
+            seen.add(key)
+            out.append(folder)
+    return out
+
+
+def default_compare_out(result: Mapping) -> Path:
+    """Where `modsquad compare` writes without --out: compare/ in the folder holding all the runs (runs/compare
+    for runs/a runs/b), else compare/ inside the first run; never the current folder by surprise."""
+    folders = [Path(r["path"]) for r in result["runs"]]
+    parents = {f.resolve().parent for f in folders}
+    if len(folders) > 1 and len(parents) == 1:
+        return folders[0].parent / "compare"
+    return folders[0] / "compare"
+
 def compare_runs(runs: Sequence[str | Path], baseline: str | Path | None = None, *, split: str = "val",
                  flops: bool = True) -> dict:
     """Describe every run and its delta_m against `baseline` (a run dir; default: the first dense run among
@@ -173,7 +230,7 @@ def compare_runs(runs: Sequence[str | Path], baseline: str | Path | None = None,
     "definitions"}."""
     if not runs:
         raise ConfigError("compare: give at least one run directory")
-    rows = [describe_run(r, split, flops) for r in runs]
+    rows = [describe_run(r, split, flops) for r in unique_runs(runs)]
     names = [r["name"] for r in rows]
     for row in rows:  # same directory names in different places: use parent/name
         if names.count(row["name"]) > 1:
@@ -236,15 +293,38 @@ def _summary_rows(result: Mapping) -> tuple[list[str], list[list[str]]]:
 
 
 def compare_table(result: Mapping):
-    """The main comparison as a rich Table (one row per run)."""
+    """The summary as a rich Table, one row per run: router, size, compute, usage sparsity and delta_m.
+    Task metrics are in `task_metrics_table`, so that both stay readable at 100 columns."""
     header, rows = _summary_rows(result)
+    n = 7  # run, router, params, FLOPs, usage share, usage MI, delta_m; then one column per task
+    titles = ["run", "router", "params", "FLOPs\n/image", "usage\nshare", "usage MI\nnats",
+              f"Δm %\nvs {result['baseline']}" if result["baseline"] else "Δm %"]
     table = Table(title=f"Runs compared on {result['split']}", title_justify="left")
-    for i, col in enumerate(header):
-        table.add_column(col, justify="left" if i < 2 else "right", overflow="fold")
+    for i, col in enumerate(titles):
+        table.add_column(col, justify="left" if i < 2 else "right", overflow="fold",
+                         min_width=min(12, max(len(r[i]) for r in rows)) if i < 2 else None)
     for cells in rows:
-        table.add_row(*cells)
+        table.add_row(*cells[:n])
     if any((r["usage"] or {}).get("source") == "checkpoint" for r in result["runs"]):
         table.caption = "* usage from the checkpoint's training counters (no usage.json in the run)"
+    return table
+
+
+def task_metrics_table(result: Mapping):
+    """Each task's primary metric (rows) for every run (columns): stays narrow however many tasks there are."""
+    runs = result["runs"]
+    table = Table(title=f"Primary metric per task ({result['split']}; ↓ lower / ↑ higher is better)",
+                  title_justify="left")
+    table.add_column("task", overflow="fold")
+    table.add_column("metric", overflow="fold")
+    for r in runs:
+        table.add_column(r["name"], justify="right", overflow="fold")
+    for t in result["tasks"]:
+        primary = get_task(t).primary
+        table.add_row(t, f"{primary} {_arrow(t)}",
+                      *(_fmt(r["metrics"].get(t, {}).get(primary)) if t in r["metrics"] else "-" for r in runs))
+    sources = sorted({r.get("metrics_source") or "?" for r in runs})
+    table.caption = f"metrics from {', '.join(sources)}"
     return table
 
 
@@ -293,8 +373,36 @@ def _metric_names(result: Mapping, task: str) -> list[str]:
     return names
 
 
+def _barh(ax, y, values, names, xlabel: str, title: str, fmt: str = "{:.3g}", ref: float | None = None) -> None:
+    """One horizontal bar per run with its value written at the bar's end; a missing value reads "n/a".
+    One quantity per axis, labelled with its unit on the x axis (no legend to collide with the ticks)."""
+    import numpy as np
+
+    vals = np.array([np.nan if v is None else float(v) for v in values])
+    finite = np.isfinite(vals)
+    colors = ["tab:blue"] * len(vals)
+    if ref == 0.0:  # signed quantity: green above the baseline, red below
+        colors = ["tab:green" if v >= 0 else "tab:red" for v in np.nan_to_num(vals)]
+    ax.barh(y, np.where(finite, vals, 0.0), color=colors, height=0.6)
+    span = float(np.nanmax(np.abs(vals))) if finite.any() else 1.0
+    for yi, v in zip(y, vals, strict=True):
+        text, x = ("n/a", 0.0) if not np.isfinite(v) else (fmt.format(v), v)
+        ax.text(x + (0.01 * span if x >= 0 else -0.01 * span), yi, f" {text} ", va="center",
+                ha="left" if x >= 0 else "right", fontsize=7)
+    if ref is not None:
+        ax.axvline(ref, color="k", lw=0.8)
+    lo, hi = ax.get_xlim()
+    ax.set_xlim(lo - 0.15 * (hi - lo) if lo < 0 else lo, hi + 0.15 * (hi - lo))  # room for the value labels
+    ax.set_yticks(y, names, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel(xlabel, fontsize=8)
+    ax.tick_params(axis="x", labelsize=7)
+    ax.set_title(title, fontsize=10)
+
+
 def plot_compare(result: Mapping, path: str | Path) -> None:
-    """compare.png: delta_m per run, per-task delta heatmap, usage share and MI, params and FLOPs."""
+    """compare.png, one quantity per panel: delta_m, per-task delta heatmap, usage share, usage MI, params and
+    active FLOPs (both relative to the baseline run, else the first)."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -304,21 +412,22 @@ def plot_compare(result: Mapping, path: str | Path) -> None:
     runs = result["runs"]
     names = [r["name"] for r in runs]
     y = np.arange(len(runs))
-    fig, axes = plt.subplots(2, 2, figsize=(13, 3 + 0.45 * len(runs) * 2), layout="constrained")
+    tasks = result["tasks"]
+    fig, axes = plt.subplots(3, 2, figsize=(12, 2.2 + 3 * (0.8 + 0.32 * len(runs))), layout="constrained")
+    base = result["baseline"]
+
     ax = axes[0, 0]
     deltas = [(r["delta_m"] or {}).get("mean") for r in runs]
     if any(d is not None for d in deltas):
-        vals = np.array([np.nan if d is None else d for d in deltas])
-        ax.barh(y, np.nan_to_num(vals), color=["tab:green" if v >= 0 else "tab:red" for v in np.nan_to_num(vals)])
-        ax.axvline(0, color="k", lw=0.8)
-        ax.set_title(f"Δm % vs {result['baseline']} (higher is better)", fontsize=10)
+        _barh(ax, y, deltas, names, f"Δm, % vs {base} (higher is better)", "multi-task gain Δm", "{:+.2f}", ref=0.0)
     else:
-        ax.text(0.5, 0.5, "no baseline", ha="center", va="center", transform=ax.transAxes)
-    ax.set_yticks(y, names, fontsize=8)
-    ax.invert_yaxis()
+        ax.text(0.5, 0.5, "no baseline: give --baseline or include a dense run", ha="center", va="center",
+                transform=ax.transAxes, fontsize=8)
+        ax.set_yticks(y, names, fontsize=8)
+        ax.invert_yaxis()
+        ax.set_title("multi-task gain Δm", fontsize=10)
 
     ax = axes[0, 1]
-    tasks = result["tasks"]
     grid = np.array([[np.nan if (r["delta_m"] or {}).get(t) is None else r["delta_m"][t] for t in tasks]
                      for r in runs], dtype=float)
     if np.isfinite(grid).any():
@@ -327,33 +436,25 @@ def plot_compare(result: Mapping, path: str | Path) -> None:
         for (i, j), v in np.ndenumerate(grid):
             if np.isfinite(v):
                 ax.text(j, i, f"{v + 0.0:+.1f}", ha="center", va="center", fontsize=7)
-        fig.colorbar(im, ax=ax, shrink=0.8, label="Δ %")
+        fig.colorbar(im, ax=ax, shrink=0.8).set_label(f"Δ % vs {base}", fontsize=8)
     ax.set_xticks(range(len(tasks)), tasks, rotation=30, ha="right", fontsize=8)
     ax.set_yticks(y, names, fontsize=8)
-    ax.set_title("per-task Δ % vs baseline", fontsize=10)
+    ax.set_title("per-task Δ of the primary metric", fontsize=10)
 
-    ax = axes[1, 0]
-    share = np.array([np.nan if not r["usage"] else r["usage"]["share"] for r in runs])
-    mi = np.array([np.nan if not r["usage"] else r["usage"]["mi"] for r in runs])
-    ax.barh(y - 0.2, np.nan_to_num(share), height=0.4, label=f"experts for {USAGE_MASS:.0%} mass (share)")
-    ax.barh(y + 0.2, np.nan_to_num(mi), height=0.4, label="I(task; expert) (nats)")
-    ax.set_yticks(y, names, fontsize=8)
-    ax.invert_yaxis()
-    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.06), ncol=2, frameon=False)
-    ax.set_title("expert usage (share: lower = sparser)", fontsize=10)
+    _barh(axes[1, 0], y, [(r["usage"] or {}).get("share") for r in runs], names,
+          f"share of experts carrying {USAGE_MASS:.0%} of a task's selections (lower = sparser)",
+          "expert usage share", "{:.3f}")
+    axes[1, 0].set_xlim(0, 1.15)
+    _barh(axes[1, 1], y, [(r["usage"] or {}).get("mi") for r in runs], names,
+          "I(task; expert), nats (0 = all tasks use the experts alike)", "task-expert mutual information", "{:.3f}")
 
-    ax = axes[1, 1]
-    ref = next((r for r in runs if r["name"] == result["baseline"]), runs[0])
-    params = np.array([r["params"] / ref["params"] for r in runs])
-    flops = np.array([np.nan if r["flops"] is None or not ref["flops"] else r["flops"] / ref["flops"] for r in runs])
-    ax.barh(y - 0.2, params, height=0.4, label=f"params (x {_human(ref['params'])})")
-    ax.barh(y + 0.2, np.nan_to_num(flops), height=0.4,
-            label=f"active FLOPs / image, all tasks (x {_human(ref['flops'])})")
-    ax.axvline(1, color="k", lw=0.8)
-    ax.set_yticks(y, names, fontsize=8)
-    ax.invert_yaxis()
-    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.06), ncol=2, frameon=False)
-    ax.set_title(f"size and compute relative to {ref['name']}", fontsize=10)
+    ref = next((r for r in runs if r["name"] == base), runs[0])
+    _barh(axes[2, 0], y, [r["params"] / ref["params"] for r in runs], names,
+          f"parameters, x {ref['name']} ({_human(ref['params'])})", "model size", "{:.2f}x", ref=1.0)
+    flops = [None if r["flops"] is None or not ref["flops"] else r["flops"] / ref["flops"] for r in runs]
+    _barh(axes[2, 1], y, flops, names,
+          f"active FLOPs per image, all tasks, x {ref['name']} ({_human(ref['flops'])})", "compute", "{:.2f}x",
+          ref=1.0 if any(f is not None for f in flops) else None)
     fig.suptitle(f"modsquad compare ({result['split']} split)", fontsize=11)
     fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
@@ -370,5 +471,6 @@ def write_compare(result: Mapping, out: str | Path) -> dict[str, Path]:
     }
 
 
-__all__ = ["DEFINITIONS", "active_flops", "compare_markdown", "compare_runs", "compare_table", "describe_run",
-           "plot_compare", "summary_markdown", "usage_stats", "write_compare"]
+__all__ = ["DEFINITIONS", "active_flops", "compare_markdown", "compare_runs", "compare_table",
+           "default_compare_out", "describe_run", "plot_compare", "run_metrics", "summary_markdown",
+           "task_metrics_table", "unique_runs", "usage_stats", "write_compare"]

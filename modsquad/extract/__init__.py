@@ -8,9 +8,10 @@ Submodules: `usage` (counting, usage.json / usage.png), `prune` (expert selectio
 (the extracted module, folding of task-level routing, loading), `export` (writing directories, ONNX).
 """
 
+from ..moe import FoldedMoEAttention
 from .export import export_onnx, extract, save_extracted
 from .prune import check_selection, count_params, extract_task, select_experts, select_layer_experts
-from .standalone import ExtractedModel, FoldedMoEAttention, fold_moe_layers, load_extracted
+from .standalone import ExtractedModel, fold_moe_layers, load_extracted
 from .usage import compute_usage, count_usage, load_usage, save_usage
 
 __all__ = [

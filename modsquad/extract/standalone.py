@@ -24,25 +24,19 @@ import os
 from pathlib import Path
 
 import torch
-from huggingface_hub import ModelHubMixin
+from huggingface_hub import ModelCard, ModelCardData, ModelHubMixin, snapshot_download
 from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
 from ..core.errors import CheckpointError, UserError
 from ..models import build_model_from_config
-from ..moe import FoldedMoEAttention, MoEAttention
 from ..tasks import TASKS, TaskSpec, register_task
 
 EXTRACTED_FORMAT = "modsquad-extracted"
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 ONNX_NAME = "model.onnx"
-
-
-def fold_moe_attention(layer: MoEAttention) -> FoldedMoEAttention:
-    """A `FoldedMoEAttention` equal (in eval) to a one-task MoE attention layer with fixed routing (`layer.fold()`)."""
-    return layer.fold()
 
 
 def fold_moe_layers(model: nn.Module) -> list[str]:
@@ -102,8 +96,26 @@ class ExtractedModel(nn.Module, ModelHubMixin, library_name="modsquad",
         """config.json + model.safetensors, as `modsquad extract` writes them (the mixin adds a README.md)."""
         from .export import save_extracted
 
-        keep = ("format", "version", "task", "task_spec", "weights_sha256")
-        save_extracted(self, save_directory, {k: v for k, v in self.info.items() if k not in keep})
+        rewritten = ("format", "version", "task", "task_spec", "weights_sha256", "onnx")  # no model.onnx here
+        save_extracted(self, save_directory, {k: v for k, v in self.info.items() if k not in rewritten})
+
+    def generate_model_card(self, *args, **kwargs):
+        """The Hub model card (README.md): task, output meaning, preprocessing and how to load it."""
+        data = ModelCardData(library_name="modsquad", tags=["modsquad", "mixture-of-experts", "multi-task",
+                                                             "vision", self.task])
+        out, pre = self.info.get("output", {}), self.info.get("preprocessing", {})
+        kept = self.info.get("kept", {})
+        lines = [f"# modsquad: {self.task}", "",
+                 f"A single-task model extracted from a multi-task mixture-of-experts ViT by `modsquad extract` "
+                 f"({sum(map(len, kept.values()))} experts kept over {len(kept)} MoE layers).", "",
+                 f"- Output: {out.get('quantity', self.spec.kind)}"
+                 + (f" ({out['units']})" if out.get("units") else "") + f", {out.get('layout', '')}",
+                 f"- Input: RGB in [0, 1], normalised with mean {pre.get('mean')} and std {pre.get('std')}, "
+                 f"[batch, 3, H, W] with H and W multiples of {pre.get('size_multiple')} "
+                 f"(trained at {pre.get('input_size')})", "",
+                 "```python", "from modsquad.extract.standalone import ExtractedModel", "",
+                 "model = ExtractedModel.from_pretrained(REPO_ID)   # model(images) -> prediction", "```", ""]
+        return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
 
     @classmethod
     def _from_pretrained(cls, *, model_id: str, revision: str | None, cache_dir, force_download: bool,
@@ -112,8 +124,6 @@ class ExtractedModel(nn.Module, ModelHubMixin, library_name="modsquad",
         """A local extracted-model folder, or a Hub repo holding one (only its two files are downloaded)."""
         if Path(model_id).is_dir():
             return load_extracted(model_id, map_location=map_location)
-        from huggingface_hub import snapshot_download
-
         folder = snapshot_download(repo_id=model_id, revision=revision, cache_dir=cache_dir, token=token,
                                    force_download=force_download, local_files_only=local_files_only,
                                    allow_patterns=[CONFIG_NAME, WEIGHTS_NAME])

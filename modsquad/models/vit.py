@@ -25,8 +25,8 @@ from torch.utils.checkpoint import checkpoint
 from ..core.errors import ConfigError, UnknownNameError
 from ..moe import GATE_VALUES, MOA_BIAS, MoEAttention, MoELayer, MoEMlp, moe_aux_losses, router_names
 from ..moe import ROUTERS as MOE_ROUTERS
-from ..moe import is_exporting
 from ..moe.losses import MI_REDUCE, TASK_PRIORS
+from ..moe.routers import is_exporting
 from ..tasks import get_task
 from .heads import HEAD_TYPES, build_head
 

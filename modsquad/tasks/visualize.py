@@ -362,9 +362,11 @@ def prediction_panel(image: np.ndarray, spec: TaskSpec | str, pred: Tensor | np.
     if disp_w > max_side_in:  # wide pictures: shrink both to keep the panel a sensible size
         disp_w, disp_h = max_side_in, max_side_in * h / max(w, 1)
     side = 2.4  # inches for the colour bar / legend column
-    fig = plt.figure(figsize=(2 * disp_w + side + 0.4, disp_h + 0.9), dpi=dpi)
+    bottom = 0.6 if spec.kind == "classification" else 0.3  # room for the probability axis
+    fig_h = disp_h + 0.6 + bottom
+    fig = plt.figure(figsize=(2 * disp_w + side + 0.4, fig_h), dpi=dpi)
     grid = fig.add_gridspec(1, 3, width_ratios=[disp_w, disp_w, side], wspace=0.05, left=0.01, right=0.99,
-                            top=1 - 0.55 / (disp_h + 0.9), bottom=0.3 / (disp_h + 0.9))
+                            top=1 - 0.55 / fig_h, bottom=bottom / fig_h)
     ax_in, ax_pred, ax_side = fig.add_subplot(grid[0]), fig.add_subplot(grid[1]), fig.add_subplot(grid[2])
     ax_in.imshow(image)
     ax_in.set_title("input", fontsize=10)
@@ -380,9 +382,12 @@ def prediction_panel(image: np.ndarray, spec: TaskSpec | str, pred: Tensor | np.
         p /= p.sum()
         top = np.argsort(-p)[:5][::-1]
         ax_pred.barh(range(len(top)), p[top], color="#1565c0")
-        ax_pred.set_yticks(range(len(top)))
-        ax_pred.set_yticklabels([f"class {int(c)}" for c in top], fontsize=8)
+        for row, c in enumerate(top):  # names inside the panel (ticks on the left would cover the input)
+            ax_pred.text(0.01, row, f"class {int(c)}: {p[c]:.1%}", va="center", ha="left", fontsize=8,
+                         color="black", bbox={"facecolor": "white", "alpha": 0.7, "linewidth": 0, "pad": 1})
         ax_pred.set_xlim(0, 1)
+        ax_pred.set_xticks([0.0, 0.25, 0.5, 0.75, 1.0])
+        ax_pred.tick_params(axis="x", labelsize=7)
         ax_pred.set_xlabel("probability", fontsize=8)
         ax_pred.set_title(f"{spec.name}: top-5 classes", fontsize=10)
     elif kind == "segmentation":

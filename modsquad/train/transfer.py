@@ -4,9 +4,9 @@
     result = train_add_tasks(None, None, out="runs/tiny+reshading", resume=True)
 
 The new run starts from RUN's checkpoint (best, else last) grown by `models.grow.add_tasks` and frozen by
-`models.grow.freeze`; its config is RUN's config.yaml with the new tasks appended to model.tasks (so `modsquad
-eval` scores old and new tasks alike), plus `--set` overrides for data and training (e.g. `data.max_images=16`
-for few-shot transfer, `train.steps=200`). Only the new tasks run in the training forward and get losses;
+`models.grow.freeze` (through `hooks.FreezeHook`); its config is RUN's config.yaml with the new tasks appended to
+model.tasks (so `modsquad eval` scores old and new tasks alike), plus `--set` overrides for data and training
+(e.g. `data.max_images=16` for few-shot transfer, `train.steps=200`). Only the new tasks run in the training forward and get losses;
 every evaluation scores all tasks, so the old tasks' metrics are logged beside the new ones.
 
 The run directory is a normal run directory plus `grow.json` ({"source", "source_tasks", "new_tasks",
@@ -25,8 +25,8 @@ from ..config import config_from_dict, config_to_dict, load_config
 from ..core.devices import cleanup_distributed
 from ..core.errors import CheckpointError, ConfigError
 from ..models.grow import FREEZE_MODES, add_tasks
-from ..models.grow import freeze as freeze_model
 from ..run import LAST_FILE, Run
+from .hooks import FreezeHook
 from .trainer import Trainer
 
 
@@ -87,23 +87,19 @@ def train_add_tasks(source: str | Path | None, new_tasks: Sequence[str] | None, 
         out = Path(out or Path("runs") / cfg.name)
         grow = {"source": str(ckpt), "source_tasks": list(old.tasks), "new_tasks": new_tasks, "freeze": freeze,
                 "router_init_from": router_init_from}
-    frozen = freeze_model(model, freeze, new_tasks)
+    freezing = FreezeHook(model, freeze, new_tasks)  # before the trainer builds the optimizer
     trainer = Trainer(cfg, out, resume=resume, stop_after=stop_after, console=console, progress=progress,
-                      model=model, train_tasks=list(new_tasks))
-    frozen.attach(trainer.optimizer)
+                      model=model, train_tasks=list(new_tasks), hooks=[freezing])
     if not resume and trainer.ctx.is_main:
         Run(out).write_grow_info(grow)
     if trainer.ctx.is_main:
-        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        n_train -= sum(ids.numel() * p[0].numel() for p, ids in frozen.rows.values())
         init = f", router from {grow['router_init_from']}" if grow.get("router_init_from") else ""
         trainer.console.print(f"adding {', '.join(new_tasks)} to {grow['source']} (freeze {freeze}{init}): "
-                              f"{n_train:,} of {sum(p.numel() for p in model.parameters()):,} parameters train",
-                              highlight=False)
+                              f"{freezing.trainable_count():,} of {sum(p.numel() for p in model.parameters()):,} "
+                              f"parameters train", highlight=False)
     try:
-        return trainer.fit()
+        return trainer.fit()  # closes the hooks
     finally:
-        frozen.remove()
         cleanup_distributed()
 
 

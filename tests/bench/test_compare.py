@@ -3,11 +3,20 @@ the table is known in advance."""
 
 import json
 import math
+import os
 
 import pytest
 import torch
-from modsquad.bench.compare import compare_markdown, compare_runs, compare_table, usage_stats, write_compare
 
+from modsquad.bench.compare import (
+    compare_markdown,
+    compare_runs,
+    compare_table,
+    default_compare_out,
+    task_metrics_table,
+    usage_stats,
+    write_compare,
+)
 from modsquad.checkpoint import save_model
 from modsquad.config import config_from_dict, save_config
 from modsquad.core.errors import UserError
@@ -89,14 +98,60 @@ def test_write_compare_files(runs, tmp_path):
     assert "segment_semantic miou ↑" in md and "depth_euclidean l1 ↓" in md
     assert md == compare_markdown(result)
     table = compare_table(result)
-    assert table.row_count == 3 and "usage share" in [c.header for c in table.columns]
+    assert table.row_count == 3 and "usage\nshare" in [c.header for c in table.columns]
+    metrics = task_metrics_table(result)
+    assert metrics.row_count == len(TASKS) and [c.header for c in metrics.columns][2:] == ["dense", "per_task",
+                                                                                          "task_level"]
+
+
+def test_tables_fit_100_columns(runs):
+    """Nothing cropped at 100 columns: every run name and delta_m value is printed whole."""
+    from rich.console import Console
+
+    console = Console(width=100, record=True, file=open(os.devnull, "w"))  # noqa: SIM115
+    result = compare_runs(runs, flops=False)
+    console.print(compare_table(result))
+    console.print(task_metrics_table(result))
+    text = console.export_text()
+    assert max(len(line) for line in text.splitlines()) <= 100
+    for needle in ("+22.50", "-10.00", "task_level", "segment_semantic", "miou ↑"):
+        assert needle in text, needle
 
 
 def test_missing_metrics_asks_for_eval(runs, tmp_path):
     run = make_run(tmp_path / "fresh", "per_task", METRICS["per_task"])
     (run / "metrics.json").unlink()
-    with pytest.raises(UserError, match=r"no metrics.json; run `modsquad eval .*fresh` first"):
+    with pytest.raises(UserError, match=r"fresh: no metrics.json and no val evaluation in metrics.jsonl; "
+                                        r"run `modsquad eval .*fresh` first"):
         compare_runs([runs[0], run])
+
+
+def test_metrics_recorded_by_training_are_used(runs, tmp_path):
+    """Without metrics.json the eval record of metrics.jsonl at the checkpoint's step is used (else the last)."""
+    run = make_run(tmp_path / "trained", "per_task", METRICS["dense"])
+    (run / "metrics.json").unlink()
+    logged = [{"kind": "train", "step": 5, "loss": 1.0},
+              {"kind": "eval", "step": 7, "metrics": METRICS["per_task"]},  # the checkpoint's step (7)
+              {"kind": "eval", "step": 9, "metrics": METRICS["task_level"]}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in logged) + '{"kind": "ev')  # torn
+    row = compare_runs([runs[0], run], flops=False)["runs"][1]
+    assert row["metrics"] == METRICS["per_task"] and row["metrics_source"] == "metrics.jsonl step 7"
+    assert row["delta_m"]["mean"] == pytest.approx(22.5)
+    (run / "metrics.jsonl").write_text(json.dumps(logged[2]) + "\n")
+    row = compare_runs([run], flops=False)["runs"][0]
+    assert row["metrics"] == METRICS["task_level"] and row["metrics_source"] == "metrics.jsonl step 9"
+
+
+def test_a_run_given_twice_is_compared_once(runs, tmp_path):
+    again = [runs[0], runs[1], f"{runs[0]}/", runs[0] / "last.safetensors", runs[1] / ".." / runs[1].name]
+    result = compare_runs(again, flops=False)
+    assert [r["name"] for r in result["runs"]] == ["dense", "per_task"]
+    out = default_compare_out(result)
+    assert out == runs[0].parent / "compare"  # beside the runs, not in the current folder
+    write_compare(result, out)
+    # a later `compare runs/*` catches that folder: it is not a run and is left out
+    assert len(compare_runs([*runs, out], flops=False)["runs"]) == 3
+    assert default_compare_out(compare_runs([runs[1]], flops=False)) == runs[1] / "compare"
 
 
 def test_usage_stats_disjoint_and_uniform():
@@ -112,7 +167,6 @@ def test_usage_stats_disjoint_and_uniform():
 def test_active_flops_do_not_depend_on_the_call_order(runs):
     """The first forward of a process may probe grouped_mm support; its matmuls must not be counted."""
     from modsquad.bench.compare import active_flops
-
     from modsquad.checkpoint import load_model
     from modsquad.moe import dispatch
 

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from modsquad.config import load_config
+from modsquad.config import CONFIG_DIR, load_config
 from modsquad.evaluate.evaluator import evaluate
 from modsquad.train.trainer import train
 
 from .real_format import make_pascal_context_tree, make_taskonomy_tree
 
-CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
+CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
 SHRINK = ["model.img_size=32", "model.overrides.patch_size=8", "model.overrides.embed_dim=32",
           "model.overrides.depth=2", "model.overrides.num_heads=2", "model.overrides.attn_head_dim=16",
           "model.overrides.mlp_expert_hidden=32", "model.overrides.attn_experts=4", "model.overrides.mlp_experts=4",

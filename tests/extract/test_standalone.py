@@ -6,8 +6,8 @@ import torch
 import modsquad
 from modsquad.core.errors import CheckpointError
 from modsquad.extract.export import extract
-from modsquad.extract.standalone import ExtractedModel, FoldedMoEAttention, load_extracted
-from modsquad.moe import MoEAttention
+from modsquad.extract.standalone import ExtractedModel, load_extracted
+from modsquad.moe import FoldedMoEAttention, MoEAttention
 
 from .conftest import write_checkpoint
 
@@ -92,9 +92,7 @@ def test_folded_attention_matches_moe_attention():
     moa = MoEAttention(16, 8, num_experts=4, top_k=2, num_tasks=1, router="task_level").eval()
     with torch.no_grad():
         moa.router.task_logits.copy_(torch.tensor([[0.0, -10.0, 0.8473, -10.0]]))  # softmax(.8473, 0) = (.7, .3)
-    from modsquad.extract.standalone import fold_moe_attention
-
-    folded = fold_moe_attention(moa)
+    folded = moa.fold()
     assert isinstance(folded, FoldedMoEAttention) and folded.num_heads == 2
     x = torch.randn(3, 5, 16)
     torch.testing.assert_close(folded(x), moa(x, 0), atol=1e-6, rtol=0)

@@ -135,8 +135,7 @@ def plugin_run(tmp_path_factory, one_thread):
     tmp = tmp_path_factory.mktemp("plugin_router")
     root = tmp / "synth"
     synthesize(root, images=16, size=32, seed=0)
-    config = Path(__file__).resolve().parents[2] / "configs" / "synthetic_tiny.yaml"
-    cfg = load_config(config, [*SHRINK, f"data.root={root}", f"model.overrides.router={PLUGIN.NAME}",
+    cfg = load_config("synthetic_tiny", [*SHRINK, f"data.root={root}", f"model.overrides.router={PLUGIN.NAME}",
                                "model.overrides.gate_values=topk_probs"])
     result = train(cfg, tmp / "run", progress=False)
     assert result.step == 2

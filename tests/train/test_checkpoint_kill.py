@@ -35,7 +35,7 @@ class Killer:
         for module, name in OPS:
             monkeypatch.setattr(module, name, self._wrap(getattr(module, name)))
         if only_in_commit:
-            import modsquad.train.trainer as trainer_module
+            import modsquad.train.state as state_module
 
             def commit(*args, **kwargs):
                 self.active = True
@@ -43,7 +43,7 @@ class Killer:
                     return commit_run_checkpoint(*args, **kwargs)
                 finally:
                     self.active = False
-            monkeypatch.setattr(trainer_module, "commit_run_checkpoint", commit)
+            monkeypatch.setattr(state_module, "commit_run_checkpoint", commit)
 
     def _wrap(self, fn):
         def op(*args, **kwargs):

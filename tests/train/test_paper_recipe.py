@@ -33,9 +33,10 @@ def test_recipe_keys_reach_the_optimizer_and_loss(make_cfg, tmp_path):
                           "task_losses": {"depth_euclidean": "mse"}})
     trainer = Trainer(cfg, tmp_path / "run", progress=False)
     assert all(g["eps"] == 1e-4 for g in trainer.optimizer.param_groups)
-    images, targets, masks = batch_to_device(next(iter(trainer._loader())), trainer.device)
-    total, terms, _ = trainer._loss_terms(images, targets, masks)
-    assert terms["loss"].item() > 0.5 and total.item() == pytest.approx(0.5)  # logged unclamped, trained clamped
+    images, targets, masks = batch_to_device(next(iter(trainer.data.loader(epoch=0))), trainer.device)
+    loss = trainer._loss(images, targets, masks)
+    terms = loss.terms
+    assert terms["loss"].item() > 0.5 and loss.total.item() == pytest.approx(0.5)  # logged unclamped, trained clamped
     spec = get_task("depth_euclidean")
     with torch.no_grad():
         preds = trainer.model(images, tasks=trainer.tasks)

@@ -59,12 +59,15 @@ def test_stop_and_resume_is_bit_exact(resume_cfg, uninterrupted, tmp_path):
     assert second.step == N
     _assert_same_run(uninterrupted, out)
     assert _log_steps(out) == _log_steps(uninterrupted)
+    csv_steps = [[line.split(",")[:2] for line in (run / "metrics.csv").read_text().splitlines()]
+                 for run in (out, uninterrupted)]
+    assert csv_steps[0] == csv_steps[1]
 
 
 @pytest.mark.parametrize("where", ["after_step", "mid_step"])
 def test_ctrl_c_saves_and_resume_is_bit_exact(resume_cfg, uninterrupted, tmp_path, monkeypatch, where):
     """Ctrl-C right after step 6, or inside step 7 after its forward (whose usage counts must be undone)."""
-    name = "_optimizer_step" if where == "after_step" else "_loss_terms"
+    name = "_optimizer_step" if where == "after_step" else "_loss"
     real = getattr(Trainer, name)
     calls = []
 

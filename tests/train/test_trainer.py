@@ -1,3 +1,5 @@
+import csv
+import io
 import json
 import math
 import random
@@ -48,7 +50,7 @@ def test_run_directory(short_run):
     assert int(read_metadata(out / "last.safetensors")["step"]) == 24
     train_logs, evals = _records(out, "train"), _records(out, "eval")
     assert [r["step"] for r in train_logs] == [4, 8, 12, 16, 20, 24]
-    expected = {"loss", "lr", "grad_norm", "images_per_s", "aux/mi", "aux/balance", "aux/z",
+    expected = {"loss", "lr", "grad_norm", "images_per_s", "steps_per_s", "aux/mi", "aux/balance", "aux/z",
                 *(f"loss/{t}" for t in TASKS), *(f"weight/{t}" for t in TASKS)}
     assert expected <= set(train_logs[0])
     assert [e["step"] for e in evals] == [12, 24]
@@ -59,6 +61,22 @@ def test_run_directory(short_run):
     state = torch.load(out / "state.pt", weights_only=True)
     assert state["step"] == 24 and set(state) >= {"optimizer", "scheduler", "weighting", "rng", "epoch"}
     assert result.last_metrics == evals[-1]["metrics"]
+    assert evals[1]["score_vs"] == "this run's first evaluation (step 12)"
+
+
+def test_csv_and_tensorboard_logs(short_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, out = short_run
+    train_logs = _records(out, "train")
+    rows = [r for r in csv.DictReader(io.StringIO((out / "metrics.csv").read_text())) if r["kind"] == "train"]
+    assert [int(r["step"]) for r in rows] == [r["step"] for r in train_logs]
+    assert float(rows[-1]["loss/normal"]) == pytest.approx(train_logs[-1]["loss/normal"])
+    events = EventAccumulator(str(out / "tb"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [r["step"] for r in train_logs]
+    assert events.Scalars("train/loss")[-1].value == pytest.approx(train_logs[-1]["loss"])
+    assert [e.step for e in events.Scalars("eval/score")] == [12, 24]
 
 
 def test_existing_run_needs_resume(short_run, make_cfg, tmp_path):
@@ -211,3 +229,17 @@ def test_seeded_dataset_seeds_albumentations(synth_root):
     assert ds._augs, "the dataset's albumentations pipeline was not found"
     assert torch.equal(ds[(0, 5)]["image"], ds[(0, 5)]["image"])
     assert any(not torch.equal(ds[(0, 5)]["image"], ds[(0, s)]["image"]) for s in range(6, 12))
+
+
+def test_synthetic_rendering_is_reported(make_cfg, tmp_path):
+    from modsquad.core.devices import DistContext
+    from modsquad.train.build import build_data
+
+    said = []
+    cfg = make_cfg(data={"root": str(tmp_path / "synth"), "synth": {"images": 6, "size": 16, "seed": 0}})
+    data = build_data(cfg, DistContext(), said.append)
+    assert len(data.train_set) > 0
+    assert said[0].startswith("rendering the synthetic suite (6 images of 16x16, seed 0)") and "rendered" in said[1]
+    said.clear()
+    build_data(cfg, DistContext(), said.append)  # exists now: nothing rendered, nothing said
+    assert said == []
