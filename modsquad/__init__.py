@@ -24,7 +24,7 @@ def load_model(run, map_location="cpu"):
 
 def load_extracted(path, **kwargs):
     """Load a single-task model written by `modsquad extract` (a directory); returns an nn.Module."""
-    from .extract.standalone import load_extracted as _load_extracted
+    from .extract.extracted import load_extracted as _load_extracted
 
     return _load_extracted(path, **kwargs)
 

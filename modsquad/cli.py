@@ -115,7 +115,7 @@ def _version(value: bool):
 @app.callback()
 def main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                       help="Print the version and exit.")):
-    """Train, inspect, prune and benchmark multi-task mixture-of-experts ViTs."""
+    """Train, inspect, extract and benchmark multi-task mixture-of-experts ViTs."""
 
 
 def _renamed(new: str, value, old: str, old_value):
@@ -403,7 +403,7 @@ def bench(checkpoint: Path = typer.Argument(..., help="Run directory or .safeten
                                               help="Also measure a same-shape dense timm ViT per task."),
           compile: bool = typer.Option(False, "--compile/--no-compile", help="Time torch.compile'd models (compiled in "
                                        "warm-up; needs a C++ compiler on CPU).")):
-    """Pruned vs full vs dense timm: params, FLOPs, latency, throughput, memory, metrics -> bench.json/md/png.
+    """Extracted vs full vs dense timm: params, FLOPs, latency, throughput, memory, metrics -> bench.json/md/png.
 
     Examples (the second writes runs/tiny/bench from runs/tiny/extracted, the defaults):
       modsquad bench runs/tiny --extracted runs/tiny/extracted --batch-size 1,32 --out runs/tiny/bench
@@ -437,7 +437,7 @@ def demo(out: Path = typer.Option(Path("demo_out"), "--out", help="Folder for ev
          size: int | None = typer.Option(None, "--size", help="Image size in pixels."),
          device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
          threads: int = typer.Option(1, "--threads", help="torch CPU threads (1 suits the tiny model best).")):
-    """Synthesise a suite, train with the MI loss, evaluate, extract every task, benchmark pruned vs full.
+    """Synthesise a suite, train with the MI loss, evaluate, extract every task, benchmark extracted vs full.
 
     About 3 minutes on 2 CPU cores; --quick for a smoke run.
 
@@ -531,12 +531,12 @@ def extract_cmd(checkpoint: Path = typer.Argument(..., help="Run directory or .s
                 onnx: bool = typer.Option(False, "--onnx/--no-onnx", help="Also export model.onnx, checked with onnxruntime."),
                 check_images: int = typer.Option(4, "--check-images", help="Held-out images to compare with the full model (max |diff|)."),
                 device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.")):
-    """Write a standalone model per task with only the experts it uses -> OUT/<task>/{model.safetensors, config.json}.
+    """Write an extracted model per task with only the experts it uses -> OUT/<task>/{model.safetensors, config.json}.
 
     Example (writes runs/tiny/extracted/<task>/, the default --out):
       modsquad extract runs/tiny --mass 0.99 --onnx
     """
-    from .extract.export import extract
+    from .extract.export import write_extracted
     from .extract.prune import PAPER
 
     out = _out_dir(out) or _under_run(checkpoint, "extracted")
@@ -549,9 +549,10 @@ def extract_cmd(checkpoint: Path = typer.Argument(..., help="Run directory or .s
             raise ConfigError("--paper-threshold cannot be combined with --threshold or --mass")
         threshold = PAPER
     data = _renamed("--data-root", data_root, "--data", data_old)
-    results = extract(checkpoint, out, tasks=_csv(tasks), threshold=threshold, mass=mass, usage=usage, data=data,
-                      data_format=data_format, split=split, max_images=max_images, batch_size=batch_size,
-                      workers=workers, onnx=onnx, check_images=check_images, device=device)
+    results = write_extracted(checkpoint, out, tasks=_csv(tasks), threshold=threshold, mass=mass, usage=usage,
+                              data=data, data_format=data_format, split=split, max_images=max_images,
+                              batch_size=batch_size, workers=workers, onnx=onnx, check_images=check_images,
+                              device=device)
     full = next(iter(results.values()))["params"]["full"]
     table = Table(title=f"Extracted into {out} (full model: {full:,} params)", title_justify="left")
     for col in ("task", "experts kept", "params", "max |diff|", "held-out coverage", "held-out |diff|",

@@ -3,7 +3,7 @@
 Configs ship inside the package (modsquad/configs/*.yaml) and resolve by name: `load_config("synthetic_tiny")`
 is that file, `list_configs()` lists them with their descriptions; a path to any YAML file works as well.
 A config file lists only what differs from the defaults below (or from its `base:` file, a path or list of
-paths resolved relative to the file), and `--set a.b=c` overrides are applied last (values parsed as YAML:
+paths resolved relative to the file, or a packaged config's name), and `--set a.b=c` overrides are applied last (values parsed as YAML:
 `--set model.tasks=[normal,reshading]`, `--set train.clip_grad=null`). Every key is checked against the
 schema: a misspelt key, a wrong type or a bad choice is a `ConfigError` naming the key and the file.
 
@@ -97,7 +97,7 @@ class TrainConfig:
     task_losses: dict[str, str] = field(default_factory=dict)  # task -> loss name replacing the task's default
     loss_clamp: float | None = None  # clamp the total loss to +-this (official Mod-Squad: 1000); null = off
     drop_path: float | None = None  # null: the model preset's own drop_path_rate
-    init_from: str | None = None  # dense timm checkpoint (name or path) to initialise from
+    init_from: str | None = None  # dense timm ViT to upcycle: a file, timm:MODEL.TAG or hf-hub:REPO (models/upcycle.py)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
 
 
@@ -271,7 +271,11 @@ def _load_chain(path: Path, stack: tuple[Path, ...] = ()) -> list[tuple[str, dic
         raise ConfigError(f"{path}: 'base' must be a file path or a list of paths")
     chain: list[tuple[str, dict]] = []
     for base in bases:
-        chain.extend(_load_chain(path.parent / base, (*stack, path)))
+        local = path.parent / base
+        packaged = CONFIG_DIR / f"{Path(base).name.removesuffix('.yaml')}.yaml"
+        if not local.is_file() and len(Path(base).parts) == 1 and packaged.is_file():
+            local = packaged  # `base: synthetic_tiny` in a user's own file names the packaged config
+        chain.extend(_load_chain(local, (*stack, path)))
     chain.append((str(path), raw))
     return chain
 

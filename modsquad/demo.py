@@ -35,7 +35,7 @@ from .core.atomic import atomic_write
 from .core.errors import ConfigError
 from .data import synthesize
 from .evaluate.evaluator import evaluate, metrics_table
-from .extract import compute_usage, extract, save_usage
+from .extract import compute_usage, save_usage, write_extracted
 from .extract.usage import load_usage, plot_usage
 from .run import Run
 from .train.trainer import train
@@ -200,14 +200,15 @@ def _run_stages(out: Path, plan: DemoSize, cfg, device: str, console: Console) -
     usage_json, usage_png = stages.run("usage", "count expert usage per task", usage)
 
     extracted = stages.run("extract", f"extract every task (experts carrying {plan.mass:.0%} of its routing)",
-                           lambda: extract(run_dir, extracted_dir, usage=usage_json, mass=plan.mass, device=device))
+                           lambda: write_extracted(run_dir, extracted_dir, usage=usage_json, mass=plan.mass,
+                                                   device=device))
     for task, info in extracted.items():
         p = info["params"]
         console.print(f"{task}: {p['extracted']:,} of {p['full']:,} parameters, max |diff| {info['max_abs_diff']:.2e}")
     kept = {task: info["kept"] for task, info in extracted.items()}  # usage.png again, with the kept experts boxed
     kept_png = atomic_write(usage_dir / "usage_kept.png", lambda p: plot_usage(load_usage(usage_json), p, kept=kept))
 
-    bench = stages.run("bench", "benchmark pruned vs full",
+    bench = stages.run("bench", "benchmark extracted vs full",
                        lambda: benchmark(run_dir, extracted_dir, batch_sizes=plan.bench_batch, device=device,
                                          repeats=plan.bench_repeats, warmup=2, progress=True))
     bench_paths = write_report(bench, bench_dir)
@@ -242,16 +243,16 @@ def summary_lines(bench: dict) -> list[str]:
                 f"the full model run for it ({vs_all:.2f}x of one forward on all tasks)")
         name, full_value = primary_metric(task, entry["full"]["metrics"])
         if name is not None and name in entry["metrics"]:
-            pruned = entry["metrics"][name]
-            rel = f" ({100 * (pruned - full_value) / abs(full_value):+.2f}%)" if full_value else ""
-            line += f"; {name} {pruned:.4g} vs {full_value:.4g}{rel}"
+            value = entry["metrics"][name]
+            rel = f" ({100 * (value - full_value) / abs(full_value):+.2f}%)" if full_value else ""
+            line += f"; {name} {value:.4g} vs {full_value:.4g}{rel}"
         lines.append(line + f", max |diff| {entry['max_abs_diff']:.1e}")
     return lines
 
 
 def final_panel(result: DemoResult) -> Panel:
     """The closing panel: where each artefact is, the benchmark table, the per-task summary, the timings."""
-    table = summary_table(result.bench, title="bench: pruned vs full")
+    table = summary_table(result.bench, title="bench: extracted vs full")
     where = Table.grid(padding=(0, 2))
     where.add_column(style="bold")
     where.add_column()

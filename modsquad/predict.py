@@ -45,7 +45,7 @@ from .core.atomic import atomic_write, ensure_dir
 from .core.devices import resolve_device
 from .core.errors import DataError, OutputPathError, UnknownNameError
 from .data.io import read_image
-from .extract.standalone import CONFIG_NAME, WEIGHTS_NAME, load_extracted
+from .extract.extracted import CONFIG_NAME, WEIGHTS_NAME, load_extracted
 from .tasks.visualize import IMAGENET_MEAN, IMAGENET_STD, output_meaning, prediction_panel
 
 Predictor = Callable[[torch.Tensor], dict[str, torch.Tensor]]
@@ -94,15 +94,15 @@ def load_predictor(model_path: str | os.PathLike, tasks: Sequence[str] | None = 
     path = resolve_model_path(model_path)
     dev = resolve_device(device)
     if (path / CONFIG_NAME).is_file():
-        sub = load_extracted(path).to(dev)
+        extracted = load_extracted(path).to(dev)
         for task in tasks or ():
-            if task != sub.task:
-                raise UnknownNameError(f"{path} is the extracted model of {sub.task!r}; it has no task {task!r}")
-        model, specs = sub.model, {sub.task: sub.spec}
-        run_sub = torch.compile(sub, dynamic=True) if compile else sub
+            if task != extracted.task:
+                raise UnknownNameError(f"{path} is the extracted model of {extracted.task!r}; it has no task {task!r}")
+        model, specs = extracted.model, {extracted.task: extracted.spec}
+        run_extracted = torch.compile(extracted, dynamic=True) if compile else extracted
 
         def predict(images: torch.Tensor) -> dict[str, torch.Tensor]:
-            return {sub.task: run_sub(images)}
+            return {extracted.task: run_extracted(images)}
     else:
         model = load_model(path).to(dev)
         selected = list(tasks) if tasks else list(model.tasks)

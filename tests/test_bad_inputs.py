@@ -30,7 +30,7 @@ def world(tmp_path_factory):
     """{name: path} of everything the cases point at, all under one folder `root`."""
     from modsquad.config import config_from_dict, save_config
     from modsquad.data import synthesize
-    from modsquad.extract.export import extract
+    from modsquad.extract.export import write_extracted
     from modsquad.train.trainer import train
 
     root = tmp_path_factory.mktemp("bad_inputs")
@@ -46,7 +46,7 @@ def world(tmp_path_factory):
     plain["model"]["overrides"] = {}  # the preset's own patch size (8)
     (root / "cfg_plain.yaml").write_text(yaml.safe_dump(plain))
     train(cfg, root / "run", progress=False)
-    extract(root / "run", root / "ext", device="cpu", check_images=2, heldout_images=4)
+    write_extracted(root / "run", root / "ext", device="cpu", check_images=2, heldout_images=4)
 
     other = root / "other_tasks"  # a checkpoint whose config.yaml lists other tasks
     shutil.copytree(root / "run", other)

@@ -13,7 +13,7 @@ from modsquad.cli import app
 def calls(monkeypatch, tmp_path):
     seen = {}
 
-    def extract(checkpoint, out, **kwargs):
+    def write_extracted(checkpoint, out, **kwargs):
         seen["extract"] = out
         raise SystemExit(0)
 
@@ -25,7 +25,7 @@ def calls(monkeypatch, tmp_path):
         seen["bench"] = out
         raise SystemExit(0)
 
-    monkeypatch.setattr(modsquad.extract.export, "extract", extract)
+    monkeypatch.setattr(modsquad.extract.export, "write_extracted", write_extracted)
     monkeypatch.setattr(modsquad.bench, "benchmark", benchmark)
     monkeypatch.setattr(modsquad.bench, "write_report", write_report)
     monkeypatch.chdir(tmp_path)

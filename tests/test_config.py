@@ -183,6 +183,9 @@ def test_packaged_configs_resolve_by_name(tmp_path, monkeypatch):
     assert cfg.name == "synthetic_tiny_dense" and cfg.model.name == "dense_vit_tiny"
     own = _write(tmp_path, BASIC, "synthetic_tiny.yaml")  # a file of that name in the folder wins
     assert resolve_config("synthetic_tiny.yaml").resolve() == own.resolve()
+    mine = _write(tmp_path, "base: synthetic_tiny\ntrain: {epochs: 3}\n", "mine.yaml")  # own file on a packaged base
+    cfg = load_config(mine)
+    assert cfg.train.epochs == 3 and cfg.model.tasks == load_config("synthetic_tiny").model.tasks
     with pytest.raises(ConfigError, match=r"'synthetic_tiyn' not found.*did you mean synthetic_tiny\b.*modsquad configs"):
         load_config("synthetic_tiyn")
 

@@ -31,7 +31,7 @@ def test_demo_writes_every_artefact(demo_run):
     for task in result.metrics["metrics"]:
         assert (result.out / "extracted" / task / "model.safetensors").is_file()
     assert (result.out / "usage" / "usage.png").is_file()
-    assert "pruned/full" in text and "wall time" in text
+    assert "extracted/full" in text and "wall time" in text
 
 
 def test_demo_bench_json_is_complete_and_consistent(demo_run):

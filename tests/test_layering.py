@@ -36,13 +36,11 @@ RANK = {unit: i for i, layer in enumerate(LAYERS) for unit in layer}
 #: (importing module, imported module) -> why the import is inside a function
 LOCAL_IMPORTS = {
     ("modsquad", "modsquad.models.registry"): "`import modsquad` stays light (no torch) for the CLI and tools",
-    ("modsquad", "modsquad.extract.standalone"): "`import modsquad` stays light (no torch) for the CLI and tools",
+    ("modsquad", "modsquad.extract.extracted"): "`import modsquad` stays light (no torch) for the CLI and tools",
     ("modsquad", "modsquad.checkpoint"): "`import modsquad` stays light (no torch) for the CLI and tools",
     ("modsquad.cli", "*"): "`modsquad --help` and every command start in 0.2 s instead of ~7 s: each command "
                            "imports the library it runs",
     ("modsquad.data", "*"): "lazy exports: synthetic render workers do not pay for torch and albumentations",
-    ("modsquad.extract.standalone", "modsquad.extract.export"): "export writes what standalone loads; "
-                                                                "saving from the model class needs the writer",
 }
 
 

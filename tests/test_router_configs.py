@@ -5,7 +5,7 @@ and the extracted model matches the full one."""
 import pytest
 
 from modsquad.config import CONFIG_DIR, load_config
-from modsquad.extract.export import extract
+from modsquad.extract.export import write_extracted
 from modsquad.train.trainer import train
 
 CONFIGS = sorted(CONFIG_DIR.glob("synthetic_tiny*.yaml"))
@@ -40,7 +40,7 @@ def test_config_trains_and_extracts(path, synth_root, tmp_path):
     assert result.step == 2 and set(result.last_metrics) == set(cfg.model.tasks)
     if cfg.model.name.startswith("dense_"):
         return
-    extracted = extract(tmp_path / "run", tmp_path / "extracted", max_images=4, check_images=2, device="cpu")
+    extracted = write_extracted(tmp_path / "run", tmp_path / "extracted", max_images=4, check_images=2, device="cpu")
     assert set(extracted) == set(cfg.model.tasks)
     for task, summary in extracted.items():
         assert summary["max_abs_diff"] < 1e-4, task

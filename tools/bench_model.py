@@ -38,8 +38,7 @@ from timm.layers import Mlp
 
 import modsquad
 from modsquad.bench import count_flops, dense_timm_baseline, time_interleaved
-from modsquad.extract import extract_task
-from modsquad.extract.standalone import ExtractedModel
+from modsquad.extract import ExtractedModel, extract_task_model
 from modsquad.moe import MoEMlp
 from modsquad.moe.dispatch import grouped_mm_supported
 
@@ -188,7 +187,7 @@ def bench_model(args, device: torch.device, amp: bool, console: Console) -> tupl
     x_one = x_infer[:1].contiguous()
     dense = dense_timm_baseline(model, task, args.img_size)
     kept = most_used_experts(model.eval(), task, x_infer, args.keep)
-    extracted = ExtractedModel(extract_task(model, task, kept)).eval()
+    extracted = ExtractedModel(extract_task_model(model, task, kept)).eval()
     info = dict(model=args.model, tasks=tasks, task=task, img_size=args.img_size,
                 kept_experts={n: len(v) for n, v in kept.items()},
                 experts={n: layer.num_experts for n, layer in model.moe_layers()},

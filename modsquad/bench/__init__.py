@@ -1,4 +1,4 @@
-"""Pruned vs full vs dense timm benchmark: `benchmark(...)` measures, `write_report(...)` writes bench.json/md/png."""
+"""Extracted vs full vs dense timm benchmark: `benchmark(...)` measures, `write_report(...)` writes bench.json/md/png."""
 
 from .bench import (
     DEFINITIONS,

@@ -1,10 +1,10 @@
-"""Pruned vs full vs a dense timm ViT: parameters, FLOPs, latency, throughput, peak memory and task metrics.
+"""Extracted vs full vs a dense timm ViT: parameters, FLOPs, latency, throughput, peak memory and task metrics.
 
 The full multi-task model is measured as users would run it for one task (`model(x, tasks=[task])`) and each
-extracted model as `sub(x)`. The baseline every figure is also put against is a plain single-task dense timm
+extracted model as `extracted(x)`. The baseline every figure is also put against is a plain single-task dense timm
 `VisionTransformer` of the checkpoint's shape with that task's head (`DenseTimmBaseline`, random weights: only its
 cost is measured), i.e. what the task would cost without mixture-of-experts. Every figure of a task comes from
-the same process and the same inputs, and timed runs are interleaved (full, pruned, dense, full, ... with the
+the same process and the same inputs, and timed runs are interleaved (full, extracted, dense, full, ... with the
 order rotated each round) so that a noisy machine slows all alike and the ratios stay fair.
 
 Definitions (also written into bench.json under "definitions" and into bench.md):
@@ -46,7 +46,7 @@ from ..core.devices import resolve_device
 from ..core.errors import CheckpointError, ConfigError, UnknownNameError
 from ..data.from_config import eval_dataset, eval_loader, random_images
 from ..evaluate.evaluator import metric_kwargs
-from ..extract.standalone import file_sha256, load_extracted
+from ..extract.extracted import file_sha256, load_extracted
 from ..extract.usage import routing_coverage
 from ..moe.dispatch import grouped_mm_supported
 from ..run import Run
@@ -56,7 +56,7 @@ FIELDS = ("params", "flops", "latency_ms", "throughput", "peak_mem_mb")
 
 DEFINITIONS = {
     "params": "full per task = all parameters except those of the other tasks (heads, task-embedding rows, "
-              "per-task router gates/logits); pruned = every parameter of the extracted model",
+              "per-task router gates/logits); extracted = every parameter of the extracted model",
     "flops": "forward FLOPs per image at batch 1 (torch.utils.flop_counter, multiply-add = 2 FLOPs, with "
              "CPU attention and grouped expert matmuls added)",
     "latency_ms": "median of the timed forwards at the latency batch after warm-up, all models of the run "
@@ -64,14 +64,14 @@ DEFINITIONS = {
     "throughput": "images/s at the throughput batch (batch / median forward time)",
     "peak_mem_mb": "weights + input + peak bytes of tensors alive during one forward at the throughput batch "
                    "(CUDA: torch.cuda.max_memory_allocated; CPU: tensor storages tracked by a dispatch mode)",
-    "max_abs_diff": "max |pruned(x) - full(x, tasks=[task])[task]| over the evaluated val images",
+    "max_abs_diff": "max |extracted(x) - full(x, tasks=[task])[task]| over the evaluated val images",
     "heldout_coverage": "share of the full model's top-k expert choices (all MoE layers, tokens of the task) on "
                         "the evaluated images that lie inside the extracted model's kept experts; held_out tells "
                         "whether those images are another split than the one usage was counted on (exactness "
-                        "of usage-based pruning holds only where coverage is 1)",
+                        "of a usage-based extraction holds only where coverage is 1)",
     "dense_timm": "baseline: a single-task dense timm VisionTransformer of the checkpoint's shape (patch size, "
                   "width, depth, heads, MLP ratio; no MoE, no task embedding) plus the task's head, random "
-                  "weights (cost only, no metrics); ratios pruned_vs_dense and full_vs_dense divide by it",
+                  "weights (cost only, no metrics); ratios extracted_vs_dense and full_vs_dense divide by it",
 }
 
 
@@ -273,9 +273,9 @@ def median_ms(seconds: Iterable[float]) -> float:
     return statistics.median(seconds) * 1e3
 
 
-def ratios(pruned: dict[str, float], full: dict[str, float], fields: Sequence[str] = FIELDS) -> dict:
-    """pruned / full for every field both have (None where the full figure is 0 or missing)."""
-    return {k: (pruned[k] / full[k] if full.get(k) else None) for k in fields if k in pruned}
+def ratios(extracted: dict[str, float], full: dict[str, float], fields: Sequence[str] = FIELDS) -> dict:
+    """extracted / full for every field both have (None where the full figure is 0 or missing)."""
+    return {k: (extracted[k] / full[k] if full.get(k) else None) for k in fields if k in extracted}
 
 
 def repeat_to_batch(images: torch.Tensor, batch: int) -> torch.Tensor:
@@ -310,11 +310,11 @@ def _select_tasks(model: nn.Module, extracted: Path, tasks: Sequence[str] | None
     return found
 
 
-def _check_sources(subs: dict[str, nn.Module], ckpt_path: Path, extracted: Path) -> None:
+def _check_sources(extracted_models: dict[str, nn.Module], ckpt_path: Path, extracted: Path) -> None:
     """CheckpointError when an extracted model was cut from another checkpoint than the one benchmarked."""
     sha = file_sha256(ckpt_path)
-    for task, sub in subs.items():
-        source = (getattr(sub, "info", None) or {}).get("source") or {}
+    for task, extracted_model in extracted_models.items():
+        source = (getattr(extracted_model, "info", None) or {}).get("source") or {}
         if source.get("sha256") not in (None, "", sha):
             raise CheckpointError(f"{extracted / task} was extracted from {source.get('checkpoint', 'another file')}, "
                                   f"not from {ckpt_path}; benchmark the checkpoint it came from or extract again")
@@ -430,18 +430,19 @@ def _val_data(ckpt_path: Path, model: nn.Module, data: str | Path | None, split:
     return ValData(source["root"], source["split"], list(eval_loader(dataset, batch))), kwargs
 
 
-def _heldout_coverage(model: nn.Module, subs: dict[str, nn.Module], val: ValData | None) -> dict[str, dict]:
+def _heldout_coverage(model: nn.Module, extracted_models: dict[str, nn.Module], val: ValData | None
+                      ) -> dict[str, dict]:
     """Per task: how often the full model's routing on the evaluated images stays inside the extracted model's
     kept experts (`modsquad.extract.usage.routing_coverage`), and whether those images are held out (another
     split than the one usage was counted on). {} without evaluated images."""
     if val is None:
         return {}
-    kept = {t: {name: layer["kept"] for name, layer in (sub.info.get("layers") or {}).items()}
-            for t, sub in subs.items()}
+    kept = {t: {name: layer["kept"] for name, layer in (extracted_model.info.get("layers") or {}).items()}
+            for t, extracted_model in extracted_models.items()}
     report, images = routing_coverage(model, val.batches, kept)
     out = {}
-    for t, sub in subs.items():
-        selection = sub.info.get("selection") or {}
+    for t, extracted_model in extracted_models.items():
+        selection = extracted_model.info.get("selection") or {}
         usage = selection.get("usage") if isinstance(selection.get("usage"), dict) else {}
         counted = selection.get("counted_split") or usage.get("split")
         out[t] = {"split": val.split, "images": images, "usage_split": counted,
@@ -459,31 +460,32 @@ def _to_device(obj, device: torch.device):
 
 
 @torch.inference_mode()
-def _evaluate(model: nn.Module, subs: dict[str, nn.Module], val: ValData | None, images: torch.Tensor,
+def _evaluate(model: nn.Module, extracted_models: dict[str, nn.Module], val: ValData | None, images: torch.Tensor,
               metric_kwargs: dict | None = None):
-    """Metrics of the pruned models, the full model per task and on all tasks at once, and max |pruned - full|.
+    """Metrics of the extracted models, the full model per task and on all tasks at once, and max |extracted -
+    full|.
 
     Without val data only the differences are measured, on `images`.
     """
-    tasks = list(subs)
+    tasks = list(extracted_models)
     diffs = dict.fromkeys(tasks, 0.0)
-    pruned_m, full_m = MultiTaskMetrics(tasks, metric_kwargs), MultiTaskMetrics(tasks, metric_kwargs)
+    extracted_m, full_m = MultiTaskMetrics(tasks, metric_kwargs), MultiTaskMetrics(tasks, metric_kwargs)
     all_m = MultiTaskMetrics(model.tasks, metric_kwargs)
     batches = val.batches if val is not None else [{"image": images}]
     for batch in batches:
         batch = _to_device(batch, images.device)
         x = batch["image"]
-        pruned = {t: subs[t](x) for t in tasks}
+        outs = {t: extracted_models[t](x) for t in tasks}
         full = {t: _full_task(model, t, x) for t in tasks}
         for t in tasks:
-            diffs[t] = max(diffs[t], float((pruned[t].float() - full[t].float()).abs().max()))
+            diffs[t] = max(diffs[t], float((outs[t].float() - full[t].float()).abs().max()))
         if val is not None:
-            pruned_m.update(pruned, batch)
+            extracted_m.update(outs, batch)
             full_m.update(full, batch)
             all_m.update(model(x), batch)
     if val is None:
         return {}, {}, {}, diffs
-    return pruned_m.compute(), full_m.compute(), all_m.compute(), diffs
+    return extracted_m.compute(), full_m.compute(), all_m.compute(), diffs
 
 
 def _device_name(device: torch.device) -> str:
@@ -527,7 +529,7 @@ def benchmark(checkpoint: str | Path, extracted: str | Path, *, tasks: Sequence[
             config's eval split, else "val"; max_images: cap on evaluated images (0 skips the metrics).
         threads: CPU intra-op threads while measuring (default: torch's current setting).
         dense_baseline: also measure the dense timm baseline per task ("dense_timm" and the ratios
-            "pruned_vs_dense" / "full_vs_dense" in each task's entry); False skips it.
+            "extracted_vs_dense" / "full_vs_dense" in each task's entry); False skips it.
         progress: show a rich progress bar.
         compile: time `torch.compile`d models (compiled during warm-up; FLOPs, memory, metrics stay eager).
     """
@@ -544,19 +546,22 @@ def benchmark(checkpoint: str | Path, extracted: str | Path, *, tasks: Sequence[
     model = load_model(ckpt_path, map_location=device).eval()
     extracted = _as_path(extracted)
     tasks = _select_tasks(model, extracted, tasks)
-    subs = {t: load_extracted(extracted / t, map_location=device).eval() for t in tasks}
-    _check_sources(subs, ckpt_path, extracted)
+    extracted_models = {t: load_extracted(extracted / t, map_location=device).eval() for t in tasks}
+    _check_sources(extracted_models, ckpt_path, extracted)
     val, metric_kwargs = _val_data(ckpt_path, model, data, split, max_images, b_thr)
-    images = val.images.to(device) if val is not None else random_images(b_thr, model.config["img_size"], model.config.get("in_chans", 3)).to(device)
+    if val is not None:
+        images = val.images.to(device)
+    else:
+        images = random_images(b_thr, model.config["img_size"], model.config.get("in_chans", 3)).to(device)
 
     dense = {t: dense_timm_baseline(model, t, tuple(images.shape[-2:])) for t in tasks} if dense_baseline else {}
     fns: dict[str, Callable[[torch.Tensor], Any]] = {"full": model}
     modules: dict[str, nn.Module] = {"full": model}
-    for t in tasks:  # per task: full, pruned, dense (the timing loop rotates through all of them)
+    for t in tasks:  # per task: full, extracted, dense (the timing loop rotates through all of them)
         fns[f"full/{t}"] = functools.partial(_full_task, model, t)
         modules[f"full/{t}"] = model
-        fns[t] = subs[t]
-        modules[t] = subs[t]
+        fns[t] = extracted_models[t]
+        modules[t] = extracted_models[t]
         if t in dense:
             fns[f"dense/{t}"] = modules[f"dense/{t}"] = dense[t]
 
@@ -582,25 +587,28 @@ def benchmark(checkpoint: str | Path, extracted: str | Path, *, tasks: Sequence[
             peak[k] = peak_memory_mb(fn, modules[k], x_thr)
             steps.advance()
         steps.describe("metrics")
-        metrics, full_metrics, all_metrics, diffs = _evaluate(model, subs, val, images, metric_kwargs)
+        metrics, full_metrics, all_metrics, diffs = _evaluate(model, extracted_models, val, images, metric_kwargs)
         steps.advance()
 
     params = {"full": count_params(model), **{f"full/{t}": task_param_count(model, t) for t in tasks},
-              **{t: count_params(subs[t]) for t in tasks}, **{f"dense/{t}": count_params(m) for t, m in dense.items()}}
+              **{t: count_params(extracted_models[t]) for t in tasks},
+              **{f"dense/{t}": count_params(m) for t, m in dense.items()}}
 
     def entry(key: str, metrics: dict | None = None) -> dict:
         return _entry(params[key], flops[key], lat[key], thr[key], b_thr, peak[key], metrics)
 
-    coverage = _heldout_coverage(model, subs, val)
+    coverage = _heldout_coverage(model, extracted_models, val)
     result_tasks = {}
     for t in tasks:
-        pruned, full = entry(t, metrics.get(t, {})), entry(f"full/{t}", full_metrics.get(t, {}))
-        result_tasks[t] = {**pruned, "full": full, "max_abs_diff": diffs[t], "ratios": ratios(pruned, full),
+        extracted_entry, full = entry(t, metrics.get(t, {})), entry(f"full/{t}", full_metrics.get(t, {}))
+        result_tasks[t] = {**extracted_entry, "full": full, "max_abs_diff": diffs[t],
+                           "ratios": ratios(extracted_entry, full),
                            "heldout_coverage": coverage.get(t)}
         if t in dense:
             base = entry(f"dense/{t}")
             result_tasks[t]["dense_timm"] = base
-            result_tasks[t]["ratios"].update(pruned_vs_dense=ratios(pruned, base), full_vs_dense=ratios(full, base))
+            result_tasks[t]["ratios"].update(extracted_vs_dense=ratios(extracted_entry, base),
+                                             full_vs_dense=ratios(full, base))
     definitions = DEFINITIONS if dense else {k: v for k, v in DEFINITIONS.items() if k != "dense_timm"}
     full_all = entry("full", all_metrics)
     return {

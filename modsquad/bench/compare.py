@@ -37,9 +37,9 @@ from ..checkpoint import load_model, read_metadata, resolve_checkpoint
 from ..core.atomic import atomic_write
 from ..core.errors import ConfigError, UserError
 from ..evaluate.evaluator import read_metrics
-from ..extract.usage import USAGE_JSON, check_usage_matches, load_usage
+from ..extract.usage import check_usage_matches, load_usage
 from ..moe import experts_for_mass_count, router_class, router_names
-from ..run import Run
+from ..run import USAGE_FILE, Run
 from ..tasks import get_task
 from ..tasks.metrics import delta_m
 from .bench import count_flops
@@ -98,11 +98,11 @@ def usage_stats(counts: Mapping[str, Mapping[str, Sequence[int]]], mass: float =
 
 def _usage_counts(run: Path, model) -> tuple[dict, str]:
     """Selection counts from the run's usage.json (if it matches the model), else from the checkpoint."""
-    path = run / USAGE_JSON
+    path = run / USAGE_FILE
     if path.is_file():
         report = load_usage(path)
         check_usage_matches(report, model, str(path))
-        return report["counts"], USAGE_JSON
+        return report["counts"], USAGE_FILE
     return model.expert_usage(), "checkpoint"
 
 

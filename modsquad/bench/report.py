@@ -1,10 +1,12 @@
 """Write a benchmark result (see `modsquad.bench.benchmark`) as bench.json, bench.md and bench.png.
 
-bench.md is a Markdown table to paste in a paper (per task: full, pruned with pruned/full ratios, and when it
-was measured the dense timm baseline with the ratios pruned/dense and full/dense); bench.png shows grouped bars
-per task for params, FLOPs, latency, throughput and peak memory (full, pruned, dense timm) and the change of the
-primary metric of pruned vs full in % (bars that all sit at 100 would say nothing); `summary_table` renders the
-same numbers as a rich table for the terminal. Results without a dense baseline render without its rows/bars.
+bench.md is a Markdown table to paste in a paper (per task: full, extracted with extracted/full ratios, and when
+it was measured the dense timm baseline with the ratios extracted/dense and full/dense); bench.png shows grouped
+bars per task for params, FLOPs, latency, throughput and peak memory (full, extracted, dense timm) and the change
+of the primary metric of extracted vs full in % (bars that all sit at 100 would say nothing); `summary_table`
+renders the same numbers as a rich table for the terminal. Results without a dense baseline render without its
+rows/bars. Results read from bench.json files written before the extracted model had that name (ratio key
+"pruned_vs_dense" instead of "extracted_vs_dense") render the same.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ FIELD_KEYS = ("params", "flops", "latency_ms", "throughput", "peak_mem_mb")
 DENSE_LABEL = "dense timm"
 DENSE_NOTE = ("dense timm: the baseline, a single-task dense timm VisionTransformer of the checkpoint's shape "
               "(no MoE, no task embedding) with the task's head and random weights, timed interleaved with full "
-              "and pruned in this run; it has no metrics.")
+              "and extracted in this run; it has no metrics.")
 
 
 def human(n: float | None, digits: int = 3) -> str:
@@ -67,6 +69,11 @@ def _has_dense(result: dict) -> bool:
     return any("dense_timm" in entry for entry in result["tasks"].values())
 
 
+def _extracted_vs_dense(ratios: dict) -> dict | None:
+    """A task's extracted / dense ratios (key "pruned_vs_dense" in bench.json files written before the rename)."""
+    return ratios.get("extracted_vs_dense", ratios.get("pruned_vs_dense"))
+
+
 def _ratio_cells(ratios: dict | None) -> list[str]:
     r = ratios or {}
     return [_times(r.get(k)) for k in FIELD_KEYS]
@@ -82,13 +89,13 @@ def _cells(entry: dict, ratios: dict | None = None) -> list[str]:
 
 
 def markdown(result: dict) -> str:
-    """bench.md: the header; per task a full and a pruned row (+ dense timm, pruned / dense and full / dense rows
+    """bench.md: the header; per task a full and an extracted row (+ dense timm, extracted / dense and full / dense rows
     when the baseline was measured); the full model on all tasks; notes."""
     dense = _has_dense(result)
     cols = ["Task", "Model", *_columns(result), "Primary metric", "max abs diff"]
-    timed = "full, pruned and dense timm" if dense else "full and pruned"
+    timed = "full, extracted and dense timm" if dense else "full and extracted"
     lines = [
-        "# modsquad bench: pruned vs full" + (" vs dense timm" if dense else ""),
+        "# modsquad bench: extracted vs full" + (" vs dense timm" if dense else ""),
         "",
         f"Checkpoint `{result.get('checkpoint', '?')}`, extracted models `{result.get('extracted', '?')}`.",
         f"Device {result['device']} ({result.get('device_name', '')}), torch {result['torch']}, "
@@ -102,21 +109,22 @@ def markdown(result: dict) -> str:
         lines.append("| " + " | ".join([task, "full", *_cells(entry["full"]),
                                          _metric_cell(task, entry["full"]["metrics"]), ""]) + " |")
         diff = entry.get("max_abs_diff")
-        lines.append("| " + " | ".join(["", "pruned", *_cells(entry, entry.get("ratios")),
+        lines.append("| " + " | ".join(["", "extracted", *_cells(entry, entry.get("ratios")),
                                          _metric_cell(task, entry["metrics"]),
                                          "-" if diff is None else f"{diff:.2e}"]) + " |")
         if "dense_timm" in entry:
             r = entry.get("ratios") or {}
             lines.append("| " + " | ".join(["", DENSE_LABEL, *_cells(entry["dense_timm"]), "-", ""]) + " |")
-            for label, key in (("pruned / dense", "pruned_vs_dense"), ("full / dense", "full_vs_dense")):
-                lines.append("| " + " | ".join(["", label, *_ratio_cells(r.get(key)), "", ""]) + " |")
+            vs_dense = (("extracted / dense", _extracted_vs_dense(r)), ("full / dense", r.get("full_vs_dense")))
+            for label, values in vs_dense:
+                lines.append("| " + " | ".join(["", label, *_ratio_cells(values), "", ""]) + " |")
     full = result["full"]
     lines.append("| " + " | ".join([f"all {len(full.get('tasks', result['tasks']))} tasks", "full (one forward)",
                                      *_cells(full), "", ""]) + " |")
     data = result.get("data") or {}
-    lines += ["", "Ratios in parentheses are pruned / full, from figures measured in this run."]
+    lines += ["", "Ratios in parentheses are extracted / full, from figures measured in this run."]
     if dense:
-        lines.append(DENSE_NOTE + " The pruned / dense and full / dense rows divide by its figures.")
+        lines.append(DENSE_NOTE + " The extracted / dense and full / dense rows divide by its figures.")
     if data:
         lines.append(f"Metrics on {data.get('images', '?')} images of the `{data.get('split', 'val')}` split of "
                      f"`{data.get('root', '?')}`.")
@@ -134,13 +142,13 @@ def markdown(result: dict) -> str:
 
 
 def summary_table(result: dict, title: str | None = None) -> Table:
-    """A compact rich table (fits 80 columns): per task a full row, a pruned row and a pruned/full row, and with
-    the dense timm baseline a dense row and pruned/dense, full/dense rows."""
+    """A compact rich table (fits 80 columns): per task a full row, an extracted row and an extracted/full row, and
+    with the dense timm baseline a dense row and extracted/dense, full/dense rows."""
     b_lat, b_thr = result["batch_sizes"]["latency"], result["batch_sizes"]["throughput"]
     dense = _has_dense(result)
-    title = title or ("pruned vs full vs dense timm" if dense else "pruned vs full")
+    title = title or ("extracted vs full vs dense timm" if dense else "extracted vs full")
     caption = (f"ms: latency at batch {b_lat}; img/s: throughput at batch {b_thr}; MB: peak memory; "
-               f"diff: max |pruned - full|")
+               f"diff: max |extracted - full|")
     if dense:
         caption += f"; {DENSE_LABEL}: same-shape single-task timm ViT + head, random weights"
     table = Table(title=title, caption=caption,
@@ -160,12 +168,13 @@ def summary_table(result: dict, title: str | None = None) -> Table:
         table.add_row(f"[bold]{task}[/]", *[""] * 5, metric or "")
         row("  full", entry["full"], metric)
         diff = entry.get("max_abs_diff")
-        row("  pruned", entry, metric, "-" if diff is None else f"{diff:.0e}", style="green")
+        row("  extracted", entry, metric, "-" if diff is None else f"{diff:.0e}", style="green")
         r = entry.get("ratios") or {}
-        ratio_rows = [("  pruned/full", r, _metric_ratio(entry, metric))]
+        ratio_rows = [("  extracted/full", r, _metric_ratio(entry, metric))]
         if "dense_timm" in entry:
             row(f"  {DENSE_LABEL}", entry["dense_timm"], None, style="blue")
-            ratio_rows += [("  pruned/dense", r.get("pruned_vs_dense"), ""), ("  full/dense", r.get("full_vs_dense"), "")]
+            ratio_rows += [("  extracted/dense", _extracted_vs_dense(r), ""),
+                           ("  full/dense", r.get("full_vs_dense"), "")]
         for i, (label, values, metric_ratio) in enumerate(ratio_rows):
             table.add_row(label, *_ratio_cells(values), metric_ratio, "", style="dim",
                           end_section=i == len(ratio_rows) - 1)
@@ -186,26 +195,26 @@ def _times(value: float | None) -> str:
 
 def _metric_ratio(entry: dict, metric: str | None) -> str:
     full = entry["full"]["metrics"].get(metric) if metric else None
-    pruned = entry["metrics"].get(metric) if metric else None
-    return _times(pruned / full) if full and pruned is not None else ""
+    extracted = entry["metrics"].get(metric) if metric else None
+    return _times(extracted / full) if full and extracted is not None else ""
 
 
 def metric_change(task: str, entry: dict) -> tuple[str | None, float | None, float | None, float | None]:
-    """(metric, full value, pruned value, change in %) of a task's primary metric: (pruned - full) / |full| x
-    100, sign-flipped for lower-is-better metrics so that a positive change always means pruned is better."""
+    """(metric, full value, extracted value, change in %) of a task's primary metric: (extracted - full) / |full|
+    x 100, sign-flipped for lower-is-better metrics so that a positive change always means extracted is better."""
     name, full = primary_metric(task, entry["full"]["metrics"])
-    pruned = entry["metrics"].get(name) if name else None
-    if name is None or pruned is None or full is None or not full or not math.isfinite(full + pruned):
-        return name, full, pruned, None
+    extracted = entry["metrics"].get(name) if name else None
+    if name is None or extracted is None or full is None or not full or not math.isfinite(full + extracted):
+        return name, full, extracted, None
     spec = TASKS.get(task)
     sign = -1.0 if spec is not None and spec.lower_is_better(name) else 1.0
-    return name, full, pruned, sign * 100.0 * (pruned - full) / abs(full)
+    return name, full, extracted, sign * 100.0 * (extracted - full) / abs(full)
 
 
 def plot(result: dict, path: str | Path) -> Path:
     """bench.png: a 2 x 3 grid of panels - params, FLOPs, latency, throughput, peak memory (bars per task: full,
-    pruned and, when measured, the dense timm baseline; dashed: the full model on all tasks) and the primary
-    metric's change of pruned vs full in % (positive = better, absolute values annotated). One unit per axis;
+    extracted and, when measured, the dense timm baseline; dashed: the full model on all tasks) and the primary
+    metric's change of extracted vs full in % (positive = better, absolute values annotated). One unit per axis;
     the legend sits above the panels, never over ticks."""
     import matplotlib
 
@@ -234,10 +243,10 @@ def plot(result: dict, path: str | Path) -> Path:
 
     for ax, (key, title, unit) in zip(axes.flat, panels, strict=False):
         full = [result["tasks"][t]["full"].get(key) for t in tasks]
-        pruned = [result["tasks"][t].get(key) for t in tasks]
-        as_float = [[np.nan if v is None else float(v) for v in vals] for vals in (full, pruned)]
+        extracted = [result["tasks"][t].get(key) for t in tasks]
+        as_float = [[np.nan if v is None else float(v) for v in vals] for vals in (full, extracted)]
         ax.bar(x + offsets[0], as_float[0], w, label="full", color="#9e9e9e")
-        ax.bar(x + offsets[1], as_float[1], w, label="pruned", color="#2e7d32")
+        ax.bar(x + offsets[1], as_float[1], w, label="extracted", color="#2e7d32")
         if has_dense:
             ax.bar(x + offsets[2], [np.nan if d is None or d.get(key) is None else d[key] for d in dense], w,
                    label=DENSE_LABEL, color="#1565c0")
@@ -257,15 +266,15 @@ def plot(result: dict, path: str | Path) -> Path:
         ax.axhline(0.0, color="black", linewidth=0.8)
         span = max(1.0, float(np.nanmax(np.abs(values))) if np.isfinite(values).any() else 1.0)
         ax.set_ylim(-1.45 * span, 1.45 * span)
-        for i, (_, full, pruned, change) in enumerate(changes):
+        for i, (_, full, extracted, change) in enumerate(changes):
             if change is None:
                 ax.annotate("n/a", (i, 0.0), ha="center", va="bottom", fontsize=7)
                 continue
             label = "\u00b10.0%" if abs(change) < 0.05 else f"{change:+.1f}%"
-            ax.annotate(f"{label}\n{pruned:.3g} vs {full:.3g}", (i, change),
+            ax.annotate(f"{label}\n{extracted:.3g} vs {full:.3g}", (i, change),
                         xytext=(0, 3 if change >= 0 else -3), textcoords="offset points", ha="center",
                         va="bottom" if change >= 0 else "top", fontsize=7)
-        ax.set_title("Primary metric, pruned vs full (+ = better)", fontsize=10)
+        ax.set_title("Primary metric, extracted vs full (+ = better)", fontsize=10)
         ax.set_ylabel("change vs full (%)", fontsize=9)
         task_ticks(ax, [f"{t}\n({c[0]})" if c[0] else t for t, c in zip(tasks, changes, strict=True)])
     else:

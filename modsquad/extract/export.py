@@ -1,14 +1,15 @@
-"""`modsquad extract`: per-task standalone models from a multi-task checkpoint, written to disk, optionally ONNX.
+"""`modsquad extract`: per-task extracted models of a multi-task checkpoint, in memory or written to disk (+ ONNX).
 
-    results = extract("runs/x", "out/extracted", tasks=["depth_euclidean"], threshold=None, onnx=True)
+    extracted = extract_model(model, "depth_euclidean", counts)         # ExtractedModel, in memory
+    results = write_extracted("runs/x", "out/extracted", onnx=True)     # writes OUT/<task>/; {task: summary}
 
 For each task: keep per MoE layer the experts chosen by `modsquad.extract.prune.select_experts` from expert usage
 (counted on the run's training split, another split or data set, or read from a usage.json), slice them out
-(`extract_task`), fold `task_level` layers into dense ones, measure on a held-out split how often the full model's
-routing stays inside the kept experts (coverage) and the largest difference to the full model there and on the
-counting images, and write `OUT/<task>/{model.safetensors, config.json[, model.onnx]}`. Everything is
-written into a temporary directory next to OUT first and renamed into place only once every task succeeded, so
-an error never leaves a half-written task directory behind.
+(`extract_task_model`), fold `task_level` layers into dense ones (`extract_model`), measure on a held-out split how
+often the full model's routing stays inside the kept experts (coverage) and the largest difference to the full
+model there and on the counting images, and write `OUT/<task>/{model.safetensors, config.json[, model.onnx]}`
+(`write_extracted`). Everything is written into a temporary directory next to OUT first and renamed into place
+only once every task succeeded, so an error never leaves a half-written task directory behind.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from copy import deepcopy
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from ..checkpoint import load_model, resolve_checkpoint
@@ -29,20 +29,10 @@ from ..core.devices import resolve_device
 from ..core.errors import CheckpointError, ConfigError, DataError, OutputPathError, UnknownNameError
 from ..core.version import __version__
 from ..data.from_config import random_images
-from ..tasks.visualize import output_meaning
-from .prune import check_selection, count_params, extract_task, select_experts
-from .standalone import (
-    CONFIG_NAME,
-    EXTRACTED_FORMAT,
-    ONNX_NAME,
-    WEIGHTS_NAME,
-    ExtractedModel,
-    config_sha256,
-    file_sha256,
-    fold_moe_layers,
-)
+from .extracted import ONNX_NAME, ExtractedModel, file_sha256, fold_moe_layers, model_io, save_extracted
+from .prune import check_selection, count_params, extract_task_model, select_experts
 from .usage import (
-    batch_images,
+    capped_images,
     check_usage_matches,
     count_usage,
     default_splits,
@@ -59,98 +49,48 @@ ONNX_ATOL = 1e-4
 CHECK_IMAGES = 4
 HELDOUT_IMAGES = 64
 
-__all__ = ["config_sha256", "export_onnx", "extract", "extract_standalone", "kept_experts", "publish",
-           "save_extracted", "staging_dir"]
-
-
-# --- saving -------------------------------------------------------------------------------------------------
-
-def task_spec_dict(spec) -> dict:
-    """The JSON-able fields of a TaskSpec (codecs are code, not data, and are not needed to predict)."""
-    return {"name": spec.name, "channels": spec.channels, "kind": spec.kind, "loss": spec.loss,
-            "metrics": list(spec.metrics), "primary": spec.primary, "suite": spec.suite,
-            "description": spec.description}
-
-
-def preprocessing_dict(sub: ExtractedModel) -> dict:
-    """What the caller must do to an image before `sub(images)` (and the ONNX model), as plain JSON: RGB, NCHW
-    float32, pixel values scaled to [0, 1] and then normalised per channel with `mean` / `std`, at any height and
-    width that are multiples of `patch_size` (`input_size` is what it was trained at). Models with
-    `input_norm: minus1_1` take the same input and map it to [-1, 1] inside the model."""
-    cfg = sub.pretrained_cfg
-    internal = cfg["input_norm"]
-    return {"channel_order": "RGB", "layout": "NCHW", "dtype": "float32", "value_range": [0.0, 1.0],
-            "mean": list(cfg["mean"]), "std": list(cfg["std"]), "normalize": "(x - mean) / std per channel",
-            "input_size": list(cfg["input_size"]), "patch_size": cfg["patch_size"],
-            "size_multiple": cfg["patch_size"], "interpolation": cfg["interpolation"],
-            "inside_model": ("nothing more" if internal == "imagenet" else
-                             "maps the normalised input back to [0, 1] and then to [-1, 1] (input_norm minus1_1)")}
-
-
-def model_io(sub: ExtractedModel) -> dict:
-    """{"preprocessing": ..., "output": ...}: what goes in (`preprocessing_dict`) and what comes out
-    (`modsquad.tasks.visualize.output_meaning`: task, kind, channels, units, value range, class names)."""
-    return {"preprocessing": preprocessing_dict(sub), "output": output_meaning(sub.spec)}
-
-
-def save_extracted(sub: ExtractedModel, out_dir: str | os.PathLike, info: Mapping) -> Path:
-    """Write `model.safetensors` and `config.json` (info + task, architecture, preprocessing, output meaning and
-    weights hash) into `out_dir`."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    weights = out_dir / WEIGHTS_NAME
-    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in sub.model.state_dict().items()}
-    config = json.loads(json.dumps({"format": EXTRACTED_FORMAT, "version": __version__, "task": sub.task,
-                                    "task_spec": task_spec_dict(sub.spec), **info,
-                                    **model_io(sub)}))  # as it reads back
-    # the weights carry the config's hash and the config the weights' hash: editing either file is caught
-    save_file(state, str(weights), metadata={"format": EXTRACTED_FORMAT, "task": sub.task,
-                                             "config_sha256": config_sha256(config)})
-    config["weights_sha256"] = file_sha256(weights)
-    (out_dir / CONFIG_NAME).write_text(json.dumps(config, indent=1))
-    sub.info = config
-    return out_dir
+__all__ = ["export_onnx", "extract_model", "kept_experts", "write_extracted"]
 
 
 # --- ONNX ---------------------------------------------------------------------------------------------------
 
-def onnx_module(sub: ExtractedModel) -> nn.Module:
-    """A copy of `sub` for export. Remaining MoE layers switch to their static-shape path (every kept expert on
+def onnx_module(extracted: ExtractedModel) -> nn.Module:
+    """A copy of `extracted` for export. Remaining MoE layers switch to their static-shape path (every kept expert on
     every token, weighted by the top-k gates) by themselves while tracing (`modsquad.moe.routers.is_exporting`);
     `task_level` layers must have been folded first."""
-    sub = deepcopy(sub).eval()
-    for name, layer in sub.model.moe_layers():
+    extracted = deepcopy(extracted).eval()
+    for name, layer in extracted.model.moe_layers():
         if layer.router.fixed_routing:
             raise ValueError(f"{name}: fold layers with fixed routing before exporting (fold_moe_layers)")
-    return sub
+    return extracted
 
 
-def _onnx_sizes(sub: ExtractedModel, img_size: int | Sequence[int] | None) -> list[tuple[int, int]]:
+def _onnx_sizes(extracted: ExtractedModel, img_size: int | Sequence[int] | None) -> list[tuple[int, int]]:
     """The sizes an export is checked at: the built (or given) size and one that differs in both sides."""
-    size = img_size if img_size is not None else sub.img_size
+    size = img_size if img_size is not None else extracted.img_size
     h, w = (size, size) if isinstance(size, int) else tuple(size)
-    p = sub.model.patch_size
+    p = extracted.model.patch_size
     return [(h, w), (h + 2 * p, w + p)]
 
 
-def _name_dims(path: str | os.PathLike, sub: ExtractedModel) -> None:
+def _name_dims(path: str | os.PathLike, extracted: ExtractedModel) -> None:
     """Input [batch, C, height, width]; output [batch, C, height, width] (dense) or [batch, classes], with the
     channel / class count concrete, written into the saved ONNX file, plus the io description as metadata."""
     import onnx
 
     model = onnx.load(str(path))
     names = {0: "batch", 2: "height", 3: "width"}
-    channels = {1: sub.model.in_chans}
-    for value, fixed in ((model.graph.input[0], channels), (model.graph.output[0], {1: sub.spec.channels})):
+    channels = {1: extracted.model.in_chans}
+    for value, fixed in ((model.graph.input[0], channels), (model.graph.output[0], {1: extracted.spec.channels})):
         for i, dim in enumerate(value.type.tensor_type.shape.dim):
             if i in fixed:
                 dim.dim_value = fixed[i]
             elif i in names:
                 dim.dim_param = names[i]
-    io = model_io(sub)
+    io = model_io(extracted)
     pre, out = io["preprocessing"], io["output"]
     props = {"modsquad.preprocessing": json.dumps(pre), "modsquad.output": json.dumps(out),
-             "modsquad.version": __version__, "task": sub.task, "kind": out["kind"], "units": out["units"],
+             "modsquad.version": __version__, "task": extracted.task, "kind": out["kind"], "units": out["units"],
              "mean": json.dumps(pre["mean"]), "std": json.dumps(pre["std"]), "channel_order": pre["channel_order"],
              "value_range": json.dumps(pre["value_range"]), "input_size": json.dumps(pre["input_size"]),
              "patch_size": str(pre["patch_size"])}
@@ -158,9 +98,9 @@ def _name_dims(path: str | os.PathLike, sub: ExtractedModel) -> None:
     onnx.save(model, str(path))
 
 
-def export_onnx(sub: ExtractedModel, path: str | os.PathLike, img_size: int | Sequence[int] | None = None,
+def export_onnx(extracted: ExtractedModel, path: str | os.PathLike, img_size: int | Sequence[int] | None = None,
                 opset: int = ONNX_OPSET, batch_sizes: Sequence[int] = (1, 3), atol: float = ONNX_ATOL) -> dict:
-    """Export `sub` to ONNX with dynamic batch, height and width and check it against PyTorch with onnxruntime.
+    """Export `extracted` to ONNX with dynamic batch, height and width and check it against PyTorch with onnxruntime.
 
     Input "images" [batch, 3, height, width] (height and width any multiples of the patch size; the position
     embedding is resampled inside the graph), output "prediction" [batch, C, height, width] (dense) or [batch,
@@ -174,11 +114,11 @@ def export_onnx(sub: ExtractedModel, path: str | os.PathLike, img_size: int | Se
 
     import onnxruntime as ort
 
-    sizes = _onnx_sizes(sub, img_size)
-    p = sub.model.patch_size
-    module = onnx_module(sub).cpu().float()
-    reference = deepcopy(sub).cpu().float().eval()
-    in_chans = sub.model.in_chans
+    sizes = _onnx_sizes(extracted, img_size)
+    p = extracted.model.patch_size
+    module = onnx_module(extracted).cpu().float()
+    reference = deepcopy(extracted).cpu().float().eval()
+    in_chans = extracted.model.in_chans
     gen = torch.Generator().manual_seed(0)
     (h, w), example = sizes[0], sizes[1]
     grid = torch.export.Dim("grid_h", min=1, max=1024), torch.export.Dim("grid_w", min=1, max=1024)
@@ -197,7 +137,7 @@ def export_onnx(sub: ExtractedModel, path: str | os.PathLike, img_size: int | Se
     finally:
         for lg, level in zip(loggers, levels, strict=True):
             lg.setLevel(level)
-    _name_dims(path, sub)
+    _name_dims(path, extracted)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     diff = 0.0
     checks = [(b, h, w) for b in batch_sizes] + [(2, *size) for size in sizes[1:]]
@@ -211,7 +151,7 @@ def export_onnx(sub: ExtractedModel, path: str | os.PathLike, img_size: int | Se
                                f"input {b}x{in_chans}x{hh}x{ww}")
         diff = max(diff, (got - expected).abs().max().item())
     if not diff <= atol:
-        raise RuntimeError(f"ONNX export of {sub.task!r} differs from PyTorch by {diff:.3g} (> {atol})")
+        raise RuntimeError(f"ONNX export of {extracted.task!r} differs from PyTorch by {diff:.3g} (> {atol})")
     return {"file": ONNX_NAME, "opset": opset, "max_abs_diff": diff, "batch_sizes": list(batch_sizes),
             "sizes": [list(s) for s in sizes], "dynamic_axes": ["batch", "height", "width"]}
 
@@ -231,39 +171,33 @@ def kept_experts(model: nn.Module, task: str, counts: Mapping[str, Sequence[int]
     return kept
 
 
-def extract_standalone(model: nn.Module, task: str, counts: Mapping[str, Sequence[int]],
-                       threshold: float | None = None, mass: float | None = None) -> ExtractedModel:
-    """The in-memory standalone model of one task (no files): kept experts from `counts` ({layer: [E]}), sliced
-    out of `model`, `task_level` layers folded. `sub.info` holds the architecture and the kept experts."""
+def extract_model(model: nn.Module, task: str, counts: Mapping[str, Sequence[int]],
+                  threshold: float | None = None, mass: float | None = None) -> ExtractedModel:
+    """The extracted model of one task, in memory (no files): kept experts from `counts` ({layer: [E]}), sliced
+    out of `model`, `task_level` layers folded. `extracted.info` holds the architecture and the kept experts."""
     kept = kept_experts(model, task, counts, threshold, mass)
-    sub_model = extract_task(model, task, kept)
-    config = deepcopy(sub_model.config)
-    folded = fold_moe_layers(sub_model)
-    return ExtractedModel(sub_model, {"model_config": config, "folded": bool(folded), "folded_layers": folded,
-                                      "kept": kept}).eval()
+    task_model = extract_task_model(model, task, kept)
+    config = deepcopy(task_model.config)
+    folded = fold_moe_layers(task_model)
+    return ExtractedModel(task_model, {"model_config": config, "folded": bool(folded), "folded_layers": folded,
+                                       "kept": kept}).eval()
 
 
-def _first_images(model: nn.Module, loader, n: int) -> torch.Tensor | None:
-    """Up to n images from the first batches of `loader` (None when there is no loader or no image)."""
-    if loader is None:
-        return None
-    parts, have = [], 0
-    for batch in loader:
-        images = batch_images(batch)[:n - have]
-        parts.append(images)
-        have += images.shape[0]
-        if have >= n:
-            break
-    return torch.cat(parts) if have else None
+def _first_images(loader, n: int) -> torch.Tensor | None:
+    """Up to n images [<=n, 3, H, W] from the first batches of `loader` (None without a loader or images)."""
+    parts = list(capped_images(loader, n)) if loader is not None else []
+    return torch.cat(parts) if parts else None
 
 
-def extract(checkpoint: str | os.PathLike, out: str | os.PathLike, *, tasks: Sequence[str] | None = None,
-            threshold: float | None = None, mass: float | None = None, usage: str | os.PathLike | None = None,
-            data: str | os.PathLike | None = None, data_format: str | None = None, split: str | None = None,
-            max_images: int | None = None, batch_size: int | None = None, workers: int = 0,
-            onnx: bool = False, check_images: int = CHECK_IMAGES, heldout_images: int = HELDOUT_IMAGES,
-            device: str = "auto") -> dict[str, dict]:
-    """Extract every task of `tasks` (default: all) of a checkpoint into `out/<task>/`; returns {task: summary}.
+def write_extracted(checkpoint: str | os.PathLike, out: str | os.PathLike, *, tasks: Sequence[str] | None = None,
+                    threshold: float | None = None, mass: float | None = None,
+                    usage: str | os.PathLike | None = None, data: str | os.PathLike | None = None,
+                    data_format: str | None = None, split: str | None = None, max_images: int | None = None,
+                    batch_size: int | None = None, workers: int = 0, onnx: bool = False,
+                    check_images: int = CHECK_IMAGES, heldout_images: int = HELDOUT_IMAGES,
+                    device: str = "auto") -> dict[str, dict]:
+    """Extract every task of `tasks` (default: all) of a checkpoint and write each extracted model to
+    `out/<task>/` (what `modsquad extract` does); returns {task: summary of what was written}.
 
     Usage: `usage` (a usage.json from `modsquad usage`), else counted on `data` or the run's training split
     (`split` picks another). Selection: default keeps every expert the task selected at least once; `threshold`
@@ -330,8 +264,8 @@ def extract(checkpoint: str | os.PathLike, out: str | os.PathLike, *, tasks: Seq
     device_ = next(model.parameters()).device
     # max_abs_diff: on images usage was counted on (where keeping every used expert is exact), else held-out
     # or, without data, random images; the held-out difference is reported beside the coverage
-    counted_imgs = _first_images(model, counting, check_images)
-    held_imgs = _first_images(model, heldout, check_images)
+    counted_imgs = _first_images(counting, check_images)
+    held_imgs = _first_images(heldout, check_images)
     if counted_imgs is not None:
         check, check_kind = counted_imgs, f"{counted_split} images usage was counted on"
     elif held_imgs is not None:
@@ -349,26 +283,26 @@ def extract(checkpoint: str | os.PathLike, out: str | os.PathLike, *, tasks: Seq
                  "counted_split": counted_split}
     layer_meta = {d["name"]: d for d in report["layers"]}
 
-    subs = {task: extract_standalone(model, task, report["counts"][task], threshold, mass) for task in tasks}
+    extracted_models = {task: extract_model(model, task, report["counts"][task], threshold, mass) for task in tasks}
     coverage, covered_images = {}, 0
     if heldout is not None:
-        coverage, covered_images = routing_coverage(model, heldout, {t: sub.info["kept"] for t, sub in subs.items()},
-                                                    heldout_images)
+        kept_by_task = {t: extracted.info["kept"] for t, extracted in extracted_models.items()}
+        coverage, covered_images = routing_coverage(model, heldout, kept_by_task, heldout_images)
 
     results = {}
     with staging_dir(out) as staged:
-        for task, sub in subs.items():
-            kept, folded = sub.info["kept"], sub.info["folded_layers"]
+        for task, extracted in extracted_models.items():
+            kept, folded = extracted.info["kept"], extracted.info["folded_layers"]
             with torch.no_grad():
-                diff = (sub(check.to(device_)) - full_out[task]).abs().max().item()
-                held_diff = ((sub(held_imgs.to(device_)) - held_full[task]).abs().max().item()
+                diff = (extracted(check.to(device_)) - full_out[task]).abs().max().item()
+                held_diff = ((extracted(held_imgs.to(device_)) - held_full[task]).abs().max().item()
                              if held_imgs is not None else None)
             cov = coverage.get(task, {})
             held = {"split": heldout_name, "images": covered_images, "coverage": cov.get("coverage"),
                     "tokens_covered": cov.get("tokens_covered"), "per_layer": cov.get("per_layer", {}),
                     "max_abs_diff": held_diff, "diff_images": int(held_imgs.shape[0]) if held_imgs is not None else 0}
             info = {
-                "model_config": sub.info["model_config"],
+                "model_config": extracted.info["model_config"],
                 "folded": bool(folded),
                 "folded_layers": folded,
                 "layers": {name: {**{k: layer_meta[name][k] for k in ("kind", "num_experts", "top_k", "router")},
@@ -376,7 +310,7 @@ def extract(checkpoint: str | os.PathLike, out: str | os.PathLike, *, tasks: Seq
                 "selection": selection,
                 "source": {"checkpoint": str(path), "sha256": checkpoint_sha, "model": model.config.get("name"),
                            "tasks": list(model.tasks)},
-                "params": {"extracted": count_params(sub), "full": full_params},
+                "params": {"extracted": count_params(extracted), "full": full_params},
                 "max_abs_diff": diff,
                 "check_images": {"count": int(check.shape[0]), "kind": check_kind},
                 "counted": {"split": counted_split,
@@ -387,8 +321,8 @@ def extract(checkpoint: str | os.PathLike, out: str | os.PathLike, *, tasks: Seq
             task_dir = staged / task
             if onnx:
                 task_dir.mkdir(parents=True)
-                info["onnx"] = export_onnx(sub, task_dir / ONNX_NAME)
-            save_extracted(sub, task_dir, info)
+                info["onnx"] = export_onnx(extracted, task_dir / ONNX_NAME)
+            save_extracted(extracted, task_dir, info)
             results[task] = {"dir": str(out / task), "kept": kept, "params": info["params"], "max_abs_diff": diff,
                              "folded": bool(folded), "onnx": info.get("onnx"), "check_images": info["check_images"],
                              "counted": info["counted"], "heldout": held,

@@ -2,11 +2,11 @@
 
 Mod-Squad's point is that a multi-task MoE model holds a small model per task: the experts a task's router
 actually picks. Given expert usage counts (`modsquad.extract.usage`), `select_experts` picks per task and MoE
-layer the experts to keep, and `extract_task` builds a `MultiTaskViT` for that task alone whose MoE layers hold
+layer the experts to keep, and `extract_task_model` builds a `MultiTaskViT` for that task alone whose MoE layers hold
 only those experts, with the task's router rows, task embedding and head:
 
     kept = select_experts(counts, top_ks, threshold=0.0)             # {layer: [expert ids]}
-    sub = extract_task(model, "depth_euclidean", kept)               # MultiTaskViT(tasks=[task]), eval mode
+    task_model = extract_task_model(model, "depth_euclidean", kept)  # MultiTaskViT(tasks=[task]), eval mode
 
 Routers pick the top-k of their logits. With `gate_values="renormalized"` they weigh the chosen experts by a
 softmax over the chosen logits only, so the extracted router keeps only the kept experts' gate rows. With
@@ -17,7 +17,7 @@ config); when a dropped expert would win the top-k, the token falls back to the 
 when every expert a token chose is kept, the token chooses the same experts with the same weights in the
 extracted model and its output is unchanged. Slicing is each layer's and router's own (`MoELayer.slice`,
 `Router.slice`). Routers with `fixed_routing` (`task_level`) decide once per task; their layers are folded into
-dense layers afterwards (`modsquad.extract.standalone.fold_moe_layers`).
+dense layers afterwards (`modsquad.extract.extracted.fold_moe_layers`).
 """
 
 from __future__ import annotations
@@ -122,7 +122,7 @@ def task_config(model: nn.Module, task: str, kept: Mapping[str, Sequence[int]]) 
     return _config_for(model, task, _sliced_layers(model, model.task_index(task), kept))
 
 
-def extract_task(model: nn.Module, task: str, kept: Mapping[str, Sequence[int]]) -> nn.Module:
+def extract_task_model(model: nn.Module, task: str, kept: Mapping[str, Sequence[int]]) -> nn.Module:
     """A `MultiTaskViT` for `task` alone with the experts `kept[layer]` (sorted ids) of every MoE layer.
 
     Built from the model's own config (so the same class and layers), then loaded with: the sliced MoE layers,
@@ -131,10 +131,10 @@ def extract_task(model: nn.Module, task: str, kept: Mapping[str, Sequence[int]])
     """
     t = model.task_index(task)
     sliced = _sliced_layers(model, t, kept)
-    sub = build_model_from_config(_config_for(model, task, sliced))
+    task_model = build_model_from_config(_config_for(model, task, sliced))
     source = model.state_dict()
     state = {}
-    for name in sub.state_dict():
+    for name in task_model.state_dict():
         if name.startswith("heads."):
             continue
         if name == "task_embed":
@@ -144,9 +144,9 @@ def extract_task(model: nn.Module, task: str, kept: Mapping[str, Sequence[int]])
     for name, layer in sliced.items():
         state.update({f"{name}.{k}": v for k, v in layer.state_dict().items()})
     state.update({f"heads.{task}.{k}": v for k, v in model.heads[task].state_dict().items()})
-    sub.load_state_dict(state, strict=True)
+    task_model.load_state_dict(state, strict=True)
     device = next(model.parameters()).device
-    return sub.to(device).eval()
+    return task_model.to(device).eval()
 
 
 def count_params(module: nn.Module) -> int:

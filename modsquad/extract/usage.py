@@ -12,7 +12,7 @@ training split (or any split or data set) and returns the report that `save_usag
 
 `modsquad extract` reads the same report (from a pass it runs itself, or from `--usage usage.json`), and
 `routing_coverage` measures on held-out images how often the full model's top-k choices stay inside the experts
-an extraction keeps (usage-based pruning is exact only where they do).
+an extraction keeps (an extracted model is exact only where they do).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -33,11 +33,10 @@ from ..core.errors import CheckpointError, ConfigError
 from ..data.from_config import eval_dataset
 from ..data.from_config import eval_loader as make_loader
 from ..moe import experts_for_mass_count
-from ..run import Run
-from .standalone import file_sha256
+from ..run import USAGE_FILE, Run
+from .extracted import file_sha256
 
 USAGE_FORMAT = "modsquad-usage"
-USAGE_JSON = "usage.json"
 USAGE_PNG = "usage.png"
 MASSES = (0.9, 0.99)
 
@@ -58,6 +57,22 @@ def batch_images(batch) -> torch.Tensor:
     raise TypeError(f"cannot find images in a batch of type {type(batch).__name__}")
 
 
+def capped_images(batches: Iterable, max_images: int | None = None) -> Iterator[torch.Tensor]:
+    """The images [b, 3, H, W] of each batch (`batch_images`), the last ones cut so that at most `max_images`
+    come out in all; stops reading `batches` once they have (or at an empty batch)."""
+    seen = 0
+    for batch in batches:
+        images = batch_images(batch)
+        if max_images is not None:
+            images = images[:max_images - seen]
+        if images.shape[0] == 0:
+            return
+        yield images
+        seen += images.shape[0]
+        if max_images is not None and seen >= max_images:
+            return
+
+
 @torch.no_grad()
 def count_usage(model: nn.Module, batches: Iterable, max_images: int | None = None
                 ) -> tuple[dict[str, dict[str, list[int]]], int]:
@@ -72,16 +87,9 @@ def count_usage(model: nn.Module, batches: Iterable, max_images: int | None = No
     model.reset_usage()
     seen = 0
     try:
-        for batch in batches:
-            images = batch_images(batch)
-            if max_images is not None:
-                images = images[:max_images - seen]
-            if images.shape[0] == 0:
-                break
+        for images in capped_images(batches, max_images):
             model(images.to(device, non_blocking=True))
             seen += images.shape[0]
-            if max_images is not None and seen >= max_images:
-                break
     finally:
         model.train(was_training)
     return model.expert_usage(), seen
@@ -185,7 +193,7 @@ def compute_usage(checkpoint: str | os.PathLike, *, data: str | os.PathLike | No
 def save_usage(report: Mapping, out_dir: str | os.PathLike) -> tuple[Path, Path]:
     """Write `usage.json` and `usage.png` into `out_dir`, each atomically; returns both paths."""
     out_dir = Path(out_dir)
-    json_path = atomic_write(out_dir / USAGE_JSON, lambda p: p.write_text(json.dumps(report, indent=1)))
+    json_path = atomic_write(out_dir / USAGE_FILE, lambda p: p.write_text(json.dumps(report, indent=1)))
     png_path = atomic_write(out_dir / USAGE_PNG, lambda p: plot_usage(report, p))
     return json_path, png_path
 
@@ -193,7 +201,7 @@ def save_usage(report: Mapping, out_dir: str | os.PathLike) -> tuple[Path, Path]
 def load_usage(path: str | os.PathLike) -> dict:
     """Read a usage.json (a file, or a directory holding one); CheckpointError if it is not one."""
     path = Path(path)
-    path = path / USAGE_JSON if path.is_dir() else path
+    path = path / USAGE_FILE if path.is_dir() else path
     try:
         report = json.loads(path.read_text())
     except FileNotFoundError:
@@ -284,9 +292,9 @@ def routing_coverage(model: nn.Module, batches: Iterable, kept: Mapping[str, Map
     """How often the FULL model's routing stays inside the kept experts, on images usage was not counted on.
 
     `kept`: {task: {layer: kept expert ids}}. For every task and MoE layer, a token is covered when all of its
-    top-k experts are kept (then pruning cannot change that layer's choice for it). Returns ({task: {"coverage":
-    covered share of all (token, layer) choices, "tokens_covered": share of tokens covered in every layer,
-    "per_layer": {layer: share}}}, images seen). Exactness claims rest on this: 1.0 on held-out images means
+    top-k experts are kept (then dropping the others cannot change that layer's choice for it). Returns ({task:
+    {"coverage": covered share of all (token, layer) choices, "tokens_covered": share of tokens covered in every
+    layer, "per_layer": {layer: share}}}, images seen). Exactness claims rest on this: 1.0 on held-out images means
     the extracted model routes those images exactly as the full model does.
     """
     layers = dict(model.moe_layers())
@@ -301,12 +309,7 @@ def routing_coverage(model: nn.Module, batches: Iterable, kept: Mapping[str, Map
     try:
         for layer in layers.values():
             layer.track_usage = False  # leave the usage counters as they are
-        for batch in batches:
-            images = batch_images(batch)
-            if max_images is not None:
-                images = images[:max_images - seen]
-            if images.shape[0] == 0:
-                break
+        for images in capped_images(batches, max_images):
             model(images.to(device), tasks=tasks)
             seen += images.shape[0]
             for t in tasks:
@@ -323,15 +326,13 @@ def routing_coverage(model: nn.Module, batches: Iterable, kept: Mapping[str, Map
                 if all_layers is not None:
                     every[t] += int(all_layers.sum())
                     tokens[t] += n
-            if max_images is not None and seen >= max_images:
-                break
     finally:
         model.train(was_training)
         for name, layer in layers.items():
             layer.track_usage = track[name]
     report = {}
     for t in tasks:
-        if not layers:  # a dense model: nothing is pruned, every token is routed as in the full model
+        if not layers:  # a dense model: no expert is dropped, every token is routed as in the full model
             report[t] = {"coverage": 1.0, "tokens_covered": 1.0, "per_layer": {}}
             continue
         n = max(tokens[t], 1)

@@ -1,4 +1,9 @@
-"""Sparse upcycling: initialise a `MultiTaskViT` from a dense timm ViT checkpoint file (never downloaded).
+"""Sparse upcycling: initialise a `MultiTaskViT` from a dense timm ViT checkpoint, a file or a pretrained name.
+
+`train.init_from` is a local checkpoint file, `timm:<model>.<tag>` (e.g. `timm:vit_small_patch16_224.augreg_in21k_
+ft_in1k`: the Hugging Face repository named by that timm model's `pretrained_cfg.hf_hub_id`) or `hf-hub:<repo>[@rev]`.
+Names are fetched with `huggingface_hub` into its cache, as timm's own pretrained loading does; offline
+(HF_HUB_OFFLINE=1) only the local cache (HF_HUB_CACHE, else HF_HOME/hub) is read. A file path is never downloaded.
 
 The checkpoint is read and adapted by timm itself (`timm.models.load_state_dict` + the ViT
 `checkpoint_filter_fn`, which also resamples the position embedding to the new patch grid and the patch
@@ -21,7 +26,9 @@ Task heads, task embeddings and routers keep their own initialisation.
 
 from __future__ import annotations
 
+import difflib
 import math
+import os
 import re
 from pathlib import Path
 
@@ -41,6 +48,78 @@ def _num_prefix_tokens(state: dict[str, torch.Tensor]) -> int:
     return prefix if n >= 0 and math.isqrt(n) ** 2 == n else 0
 
 
+TIMM_PREFIX, HUB_PREFIX = "timm:", "hf-hub:"
+#: weight files of a timm repository on the Hub, in the order timm's loader tries them
+HUB_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+
+
+def _hub_settings() -> tuple[str | None, bool]:
+    """(cache folder, offline) from the environment now (huggingface_hub reads both only once, at import)."""
+    from huggingface_hub import constants
+
+    cache = os.environ.get("HF_HUB_CACHE") or (os.path.join(os.environ["HF_HOME"], "hub")
+                                               if os.environ.get("HF_HOME") else None)
+    flag = os.environ.get("HF_HUB_OFFLINE")
+    offline = flag.strip().lower() in ("1", "true", "yes", "on") if flag is not None else bool(constants.HF_HUB_OFFLINE)
+    return cache, offline
+
+
+def _hub_repo_of(spec: str) -> tuple[str, str | None]:
+    """(repo id, revision) of `timm:<name>` (its pretrained_cfg.hf_hub_id) or `hf-hub:<repo>[@rev]`."""
+    if spec.startswith(HUB_PREFIX):
+        repo = spec[len(HUB_PREFIX):]
+    else:
+        import timm
+        from timm.models import get_pretrained_cfg
+
+        name = spec[len(TIMM_PREFIX):]
+        cfg = get_pretrained_cfg(name) if name else None
+        if cfg is None:
+            known = timm.list_pretrained("vit_*")
+            close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+            hint = f" (did you mean {', '.join(close)}?)" if close else " (`timm.list_pretrained('vit_*')` lists them)"
+            raise CheckpointError(f"train.init_from {spec}: timm has no pretrained weights named {name!r}{hint}")
+        if not cfg.hf_hub_id:
+            raise CheckpointError(f"train.init_from {spec}: timm hosts these weights outside the Hugging Face Hub; "
+                                  f"download them and give the file's path")
+        repo = cfg.hf_hub_id
+    repo, _, revision = repo.partition("@")
+    if not repo:
+        raise CheckpointError(f"train.init_from {spec}: name a repository, e.g. hf-hub:timm/vit_small_patch16_224."
+                              f"augreg_in21k_ft_in1k")
+    return repo, revision or None
+
+
+def resolve_init_from(spec: str | Path) -> Path:
+    """The local checkpoint file of `train.init_from`: a path as it is, a `timm:` / `hf-hub:` name through the
+    Hugging Face cache (downloaded into it unless offline). CheckpointError, one line, when it cannot be had."""
+    text = str(spec)
+    if not text.startswith((TIMM_PREFIX, HUB_PREFIX)):
+        return Path(spec)
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    repo, revision = _hub_repo_of(text)
+    cache, offline = _hub_settings()
+    for filename in HUB_WEIGHTS:
+        try:
+            return Path(hf_hub_download(repo, filename, revision=revision, cache_dir=cache, local_files_only=offline))
+        except LocalEntryNotFoundError:  # not cached (offline) or no network (a subclass: caught first)
+            if filename != HUB_WEIGHTS[-1]:
+                continue
+            where = cache or "the default Hugging Face cache"
+            raise CheckpointError(
+                f"train.init_from {text}: {repo} is not in {where} and it cannot be downloaded here"
+                f"{' (HF_HUB_OFFLINE is set)' if offline else ''}; on a machine with network run "
+                f"`hf download {repo}{f' --revision {revision}' if revision else ''}` and copy its "
+                f"cache folder here (or point HF_HUB_CACHE at it)") from None
+        except EntryNotFoundError:  # the repository has no such file: try the next name
+            continue
+        except RepositoryNotFoundError:
+            raise CheckpointError(f"train.init_from {text}: no Hugging Face repository {repo!r}") from None
+    raise CheckpointError(f"train.init_from {text}: {repo} has none of {', '.join(HUB_WEIGHTS)}")
+
+
 def dense_vit_from_checkpoint(path: str | Path, img_size: int | tuple[int, int], patch_size: int,
                               num_heads: int) -> VisionTransformer:
     """A timm `VisionTransformer` shaped like the checkpoint at `path`, loaded through timm's filter.
@@ -48,10 +127,10 @@ def dense_vit_from_checkpoint(path: str | Path, img_size: int | tuple[int, int],
     The grid (`img_size`, `patch_size`) is the target model's: timm resamples position and patch embeddings
     to it. `num_heads` cannot be read from weights and comes from the target model.
     """
-    path = Path(path)
+    path = resolve_init_from(path)
     if not path.is_file():
-        raise CheckpointError(f"train.init_from: {path} not found (give a local timm ViT checkpoint file; "
-                              f"modsquad never downloads weights)")
+        raise CheckpointError(f"train.init_from: {path} not found (give a local timm ViT checkpoint file, which "
+                              f"modsquad never downloads, or a name: timm:MODEL.TAG or hf-hub:REPO)")
     try:
         state = load_state_dict(str(path))
     except Exception as e:
@@ -106,7 +185,8 @@ def _fold_layer_scale(dense: VisionTransformer) -> None:
 
 @torch.no_grad()
 def upcycle_from_timm(model: nn.Module, path: str | Path) -> dict[str, int]:
-    """Initialise `model` (a MultiTaskViT) in place from the dense timm ViT checkpoint file at `path`.
+    """Initialise `model` (a MultiTaskViT) in place from a dense timm ViT checkpoint: a file at `path`, or a
+    `timm:<model>.<tag>` / `hf-hub:<repo>` name (see the module docstring).
 
     Returns counts of what was initialised: {"dense_layers", "moe_mlp", "moe_attn"}. Raises CheckpointError
     when the checkpoint is not a timm ViT or its width / depth differ from the model's.

@@ -1,4 +1,6 @@
-"""Training: the loop (`trainer.py`) and its collaborators (optimizer, data order, adding tasks).
+"""Training: the loop (`trainer.py`) and its collaborators: build (model, data), objective (the loss), state
+(checkpoints, RNG), best (scoring), sinks (jsonl, csv, TensorBoard, console, progress bar), hooks (freezing),
+optim, distributed (data order), transfer (adding tasks). See docs/architecture.md.
 
     from modsquad.train import train, train_add_tasks
     result = train(load_config("configs/synthetic_tiny.yaml"), out="runs/tiny")

@@ -181,7 +181,9 @@ class TensorBoardSink(Sink):
         if resume_step is None and folder.is_dir():
             for stale in folder.glob("events.out.tfevents.*"):
                 stale.unlink()
-        self.writer = SummaryWriter(str(folder), purge_step=None if resume_step is None else resume_step + 1)
+        # flushed every 10 s (not torch's 120 s) so that a TensorBoard open beside the run follows it
+        self.writer = SummaryWriter(str(folder), purge_step=None if resume_step is None else resume_step + 1,
+                                    flush_secs=10)
 
     def write(self, record: Mapping) -> None:
         for key, value in flat(record).items():
@@ -228,9 +230,9 @@ class ConsoleSink(Sink):
 
     def write(self, record: Mapping) -> None:
         if record["kind"] == "eval":
-            self.console.print(eval_line(record), highlight=False)
+            self.console.print(eval_line(record), highlight=False, soft_wrap=True)
         elif self.lines:
-            self.console.print(train_line(record, self.total), highlight=False)
+            self.console.print(train_line(record, self.total), highlight=False, soft_wrap=True)
 
 
 class ProgressSink(Sink):

@@ -213,7 +213,7 @@ class Trainer:
 
     def _print(self, msg: str) -> None:
         if self.ctx.is_main:
-            self.console.print(msg, highlight=False)
+            self.console.print(msg, highlight=False, soft_wrap=True)
 
     # --- checkpoints ---
 

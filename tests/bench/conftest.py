@@ -14,18 +14,18 @@ def _entry(params, flops, latency_ms, throughput, peak_mem_mb, metrics):
 
 @pytest.fixture
 def fake_result() -> dict:
-    """Three tasks, each with full, pruned and dense timm figures and their ratios."""
+    """Three tasks, each with full, extracted and dense timm figures and their ratios."""
     tasks = {}
-    for name, metrics_full, metrics_pruned in [
+    for name, metrics_full, metrics_extracted in [
         ("depth_euclidean", {"l1": 0.21, "rmse": 0.34}, {"l1": 0.21, "rmse": 0.34}),
         ("normal", {"mean_angle": 21.0, "median_angle": 18.0}, {"mean_angle": 21.1, "median_angle": 18.0}),
         ("segment_semantic", {"miou": 40.0, "pixel_acc": 80.0}, {"miou": 0.0, "pixel_acc": 79.5}),
     ]:
         full = _entry(438_080, 5_249_024, 2.5, 900.0, 10.8, metrics_full)
-        pruned = _entry(151_000, 2_100_000, 1.2, 2100.0, 4.1, metrics_pruned)
+        extracted = _entry(151_000, 2_100_000, 1.2, 2100.0, 4.1, metrics_extracted)
         dense = {k: v for k, v in _entry(290_000, 7_340_032, 2.0, 1000.0, 9.5, {}).items() if k != "metrics"}
-        tasks[name] = {**pruned, "full": full, "max_abs_diff": 1.5e-6, "dense_timm": dense,
-                       "ratios": {**ratios(pruned, full), "pruned_vs_dense": ratios(pruned, dense),
+        tasks[name] = {**extracted, "full": full, "max_abs_diff": 1.5e-6, "dense_timm": dense,
+                       "ratios": {**ratios(extracted, full), "extracted_vs_dense": ratios(extracted, dense),
                                   "full_vs_dense": ratios(full, dense)}}
     return {
         "device": "cpu", "device_name": "test cpu", "torch": "2.x", "threads": 2,
@@ -42,7 +42,7 @@ def fake_result() -> dict:
 def fake_result_no_dense(fake_result) -> dict:
     """fake_result as `benchmark(..., dense_baseline=False)` returns it."""
     for entry in fake_result["tasks"].values():
-        del entry["dense_timm"], entry["ratios"]["pruned_vs_dense"], entry["ratios"]["full_vs_dense"]
+        del entry["dense_timm"], entry["ratios"]["extracted_vs_dense"], entry["ratios"]["full_vs_dense"]
     fake_result["definitions"] = {k: v for k, v in DEFINITIONS.items() if k != "dense_timm"}
     return fake_result
 
@@ -61,7 +61,7 @@ def tiny_run(tmp_path_factory):
     from modsquad.config import load_config, save_config
     from modsquad.data import synthesize
     from modsquad.demo import config_path
-    from modsquad.extract import extract
+    from modsquad.extract import write_extracted
     from modsquad.models import create_model
 
     tmp = tmp_path_factory.mktemp("bench_run")
@@ -75,5 +75,5 @@ def tiny_run(tmp_path_factory):
     for _, layer in model.moe_layers():  # random gates: routing that differs between tasks
         torch.nn.init.normal_(layer.router.weight, std=1.0)
     save_model(run / "last.safetensors", model)
-    extract(run, tmp / "extracted", mass=0.5, device="cpu")
+    write_extracted(run, tmp / "extracted", mass=0.5, device="cpu")
     return run, tmp / "extracted", BENCH_TASKS

@@ -87,13 +87,13 @@ def test_peak_memory_counts_weights_input_and_activations():
 
 def test_time_interleaved_alternates_and_rotates():
     calls = []
-    fns = {name: (lambda x, name=name: calls.append(name)) for name in ("full", "pruned", "other")}
+    fns = {name: (lambda x, name=name: calls.append(name)) for name in ("full", "extracted", "other")}
     rounds = []
     times = time_interleaved(fns, torch.zeros(1), repeats=3, warmup=2, on_round=lambda: rounds.append(1))
-    assert {k: len(v) for k, v in times.items()} == {"full": 3, "pruned": 3, "other": 3}
+    assert {k: len(v) for k, v in times.items()} == {"full": 3, "extracted": 3, "other": 3}
     assert all(t >= 0 for v in times.values() for t in v)
     timed = calls[2 * 3:]
-    assert timed == ["full", "pruned", "other", "pruned", "other", "full", "other", "full", "pruned"]
+    assert timed == ["full", "extracted", "other", "extracted", "other", "full", "other", "full", "extracted"]
     assert len(rounds) == 3
     with pytest.raises(ValueError):
         time_interleaved(fns, torch.zeros(1), repeats=0)
@@ -146,14 +146,14 @@ def _check_schema(result, tasks, dense=True):
             assert entry["ratios"][field] == pytest.approx(entry[field] / entry["full"][field])
         assert entry["max_abs_diff"] >= 0
         assert ("dense_timm" in entry) is dense
-        assert ("pruned_vs_dense" in entry["ratios"] and "full_vs_dense" in entry["ratios"]) is dense
+        assert ("extracted_vs_dense" in entry["ratios"] and "full_vs_dense" in entry["ratios"]) is dense
         assert ("dense_timm" in result["definitions"]) is dense
         if dense:
             base = entry["dense_timm"]
             assert set(base) == set(FIELDS)  # cost only, no metrics
             for field in FIELDS:
                 assert base[field] > 0, (task, field)
-                assert entry["ratios"]["pruned_vs_dense"][field] == pytest.approx(entry[field] / base[field])
+                assert entry["ratios"]["extracted_vs_dense"][field] == pytest.approx(entry[field] / base[field])
                 assert entry["ratios"]["full_vs_dense"][field] == pytest.approx(entry["full"][field] / base[field])
 
 
@@ -232,13 +232,13 @@ def test_bench_cli(tiny_run, tmp_path):
                                    "--batch", "1,2", "--repeats", "1", "--warmup", "0", "--max-images", "2",
                                    "--threads", "1", "--tasks", "normal,depth_euclidean"])
     assert res.exit_code == 0, res.output
-    assert "pruned/full" in res.output and "pruned/dense" in res.output and "bench.md" in res.output
+    assert "extracted/full" in res.output and "extracted/dense" in res.output and "bench.md" in res.output
     assert list(json.loads((out / "bench.json").read_text())["tasks"]) == ["normal", "depth_euclidean"]
     res = CliRunner().invoke(app, ["bench", str(run), "--extracted", str(extracted), "--out", str(out),
                                    "--batch", "1", "--repeats", "1", "--warmup", "0", "--max-images", "0",
                                    "--tasks", "normal", "--no-dense-baseline"])
     assert res.exit_code == 0, res.output
-    assert "pruned/full" in res.output and "dense" not in res.output
+    assert "extracted/full" in res.output and "dense" not in res.output
     assert "dense_timm" not in json.loads((out / "bench.json").read_text())["tasks"]["normal"]
     bad = CliRunner().invoke(app, ["bench", str(run), "--extracted", str(extracted), "--batch", "0"])
     assert bad.exit_code == 2 and "--batch" in bad.output

@@ -7,8 +7,8 @@ import torch
 
 from modsquad.core.errors import CheckpointError, ConfigError, UnknownNameError
 from modsquad.extract import export as export_mod
-from modsquad.extract.export import export_onnx, extract, extract_standalone
-from modsquad.extract.standalone import ExtractedModel, load_extracted
+from modsquad.extract.export import export_onnx, extract_model, write_extracted
+from modsquad.extract.extracted import ExtractedModel, load_extracted
 from modsquad.extract.usage import count_usage
 
 from .conftest import random_images, write_checkpoint
@@ -18,8 +18,8 @@ from .conftest import random_images, write_checkpoint
 def test_onnx_parity_with_dynamic_batch_height_and_width(make_moe, images, tmp_path, router, router_kwargs):
     model = make_moe(router, router_kwargs, class_token=True)
     counts, _ = count_usage(model, [images])
-    sub = extract_standalone(model, "segment_semantic", counts["segment_semantic"])
-    report = export_onnx(sub, tmp_path / "model.onnx")
+    extracted = extract_model(model, "segment_semantic", counts["segment_semantic"])
+    report = export_onnx(extracted, tmp_path / "model.onnx")
     assert report["max_abs_diff"] <= 1e-4 and report["sizes"] == [[32, 32], [64, 48]]
     session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
     assert [d for d in session.get_inputs()[0].shape] == ["batch", 3, "height", "width"]
@@ -29,7 +29,7 @@ def test_onnx_parity_with_dynamic_batch_height_and_width(make_moe, images, tmp_p
         x = torch.randn(n, 3, h, w, generator=torch.Generator().manual_seed(h + w))
         got = session.run(None, {"images": x.numpy()})[0]
         with torch.no_grad():
-            expected = sub(x).numpy()
+            expected = extracted(x).numpy()
         assert got.shape == expected.shape == (n, 18, h, w)
         np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
     meta = session.get_modelmeta().custom_metadata_map
@@ -45,15 +45,15 @@ def test_config_json_says_what_goes_in_and_comes_out(make_moe, images, tmp_path)
 
     model = make_moe("per_task", input_norm="minus1_1")
     ckpt = write_checkpoint(tmp_path, model, images)
-    extract(ckpt, tmp_path / "out", tasks=["depth_euclidean"], usage=tmp_path, device="cpu")
+    write_extracted(ckpt, tmp_path / "out", tasks=["depth_euclidean"], usage=tmp_path, device="cpu")
     info = json.loads((tmp_path / "out" / "depth_euclidean" / "config.json").read_text())
     pre, out = info["preprocessing"], info["output"]
     assert pre["mean"] == pytest.approx([0.485, 0.456, 0.406]) and pre["std"] == pytest.approx([0.229, 0.224, 0.225])
     assert pre["channel_order"] == "RGB" and pre["layout"] == "NCHW" and pre["value_range"] == [0.0, 1.0]
     assert pre["input_size"] == [3, 32, 32] and pre["patch_size"] == 16 and "minus1_1" in pre["inside_model"]
     assert out["units"] == "m" and out["channels"] == 1 and out["kind"] == "regression"
-    sub = load_extracted(tmp_path / "out" / "depth_euclidean")
-    data_cfg = resolve_data_config(model=sub)
+    extracted = load_extracted(tmp_path / "out" / "depth_euclidean")
+    data_cfg = resolve_data_config(model=extracted)
     assert data_cfg["input_size"] == (3, 32, 32) and data_cfg["mean"] == pytest.approx(pre["mean"])
     assert data_cfg["std"] == pytest.approx(pre["std"]) and data_cfg["interpolation"] == "bilinear"
     assert resolve_data_config(model=model)["input_size"] == (3, 32, 32)
@@ -63,17 +63,17 @@ def test_hub_round_trip_through_a_local_folder(make_moe, images, tmp_path):
     """save_pretrained / from_pretrained (huggingface_hub mixin) with a local folder, no network."""
     model = make_moe("per_task")
     counts, _ = count_usage(model, [images])
-    sub = extract_standalone(model, "normal", counts["normal"])
-    sub.save_pretrained(tmp_path / "hub")
+    extracted = extract_model(model, "normal", counts["normal"])
+    extracted.save_pretrained(tmp_path / "hub")
     assert {"config.json", "model.safetensors", "README.md"} <= {p.name for p in (tmp_path / "hub").iterdir()}
     back = ExtractedModel.from_pretrained(tmp_path / "hub")
     x = random_images(2, seed=4)
     with torch.no_grad():
-        torch.testing.assert_close(back(x), sub(x), rtol=0, atol=1e-6)
-    assert back.info["output"]["task"] == "normal" and back.info["kept"] == sub.info["kept"]
+        torch.testing.assert_close(back(x), extracted(x), rtol=0, atol=1e-6)
+    assert back.info["output"]["task"] == "normal" and back.info["kept"] == extracted.info["kept"]
     # a folder written by `modsquad extract` loads the same way
     ckpt = write_checkpoint(tmp_path / "run", model, images)
-    extract(ckpt, tmp_path / "ext", tasks=["normal"], usage=tmp_path / "run", device="cpu")
+    write_extracted(ckpt, tmp_path / "ext", tasks=["normal"], usage=tmp_path / "run", device="cpu")
     assert ExtractedModel.from_pretrained(tmp_path / "ext" / "normal").task == "normal"
 
 
@@ -81,7 +81,7 @@ def test_extract_writes_every_task(make_moe, images, tmp_path):
     model = make_moe("per_task")
     ckpt = write_checkpoint(tmp_path, model, images)
     out = tmp_path / "out"
-    results = extract(ckpt, out, usage=tmp_path / "usage.json", device="cpu")
+    results = write_extracted(ckpt, out, usage=tmp_path / "usage.json", device="cpu")
     assert sorted(results) == sorted(model.tasks)
     assert sorted(p.name for p in out.iterdir()) == sorted(model.tasks)  # no staging folders left
     for task, r in results.items():
@@ -96,19 +96,19 @@ def test_failure_leaves_output_untouched(make_moe, images, tmp_path, monkeypatch
     model = make_moe("per_task")
     ckpt = write_checkpoint(tmp_path, model, images)
     out = tmp_path / "out"
-    extract(ckpt, out, tasks=["normal"], usage=tmp_path, device="cpu")
+    write_extracted(ckpt, out, tasks=["normal"], usage=tmp_path, device="cpu")
     before = (out / "normal" / "model.safetensors").read_bytes()
     calls = []
 
-    def flaky_export(sub, path, **kw):
-        calls.append(sub.task)
+    def flaky_export(extracted, path, **kw):
+        calls.append(extracted.task)
         if len(calls) == 2:
             raise RuntimeError("boom")
         return {"file": "model.onnx", "max_abs_diff": 0.0}
 
     monkeypatch.setattr(export_mod, "export_onnx", flaky_export)
     with pytest.raises(RuntimeError, match="boom"):
-        extract(ckpt, out, tasks=["depth_euclidean", "normal"], threshold=0.3, usage=tmp_path, onnx=True,
+        write_extracted(ckpt, out, tasks=["depth_euclidean", "normal"], threshold=0.3, usage=tmp_path, onnx=True,
                 device="cpu")
     assert sorted(p.name for p in out.iterdir()) == ["normal"]  # depth_euclidean was staged, never published
     assert (out / "normal" / "model.safetensors").read_bytes() == before
@@ -120,11 +120,11 @@ def test_rerun_replaces_a_task(make_moe, images, tmp_path):
     model = make_moe("per_task")
     ckpt = write_checkpoint(tmp_path, model, images)
     out = tmp_path / "out"
-    extract(ckpt, out, tasks=["normal"], usage=tmp_path, device="cpu")
+    write_extracted(ckpt, out, tasks=["normal"], usage=tmp_path, device="cpu")
     exact = json.loads((out / "normal" / "config.json").read_text())
-    extract(ckpt, out, tasks=["normal"], usage=tmp_path, mass=0.5, device="cpu")
-    pruned = json.loads((out / "normal" / "config.json").read_text())
-    assert pruned["selection"]["mode"] == "mass" and pruned["params"]["extracted"] < exact["params"]["extracted"]
+    write_extracted(ckpt, out, tasks=["normal"], usage=tmp_path, mass=0.5, device="cpu")
+    smaller = json.loads((out / "normal" / "config.json").read_text())
+    assert smaller["selection"]["mode"] == "mass" and smaller["params"]["extracted"] < exact["params"]["extracted"]
     assert sorted(p.name for p in out.iterdir()) == ["normal"]
 
 
@@ -133,20 +133,20 @@ def test_bad_arguments_write_nothing(make_moe, images, tmp_path):
     ckpt = write_checkpoint(tmp_path, model, images)
     out = tmp_path / "out"
     with pytest.raises(UnknownNameError, match="reshading"):
-        extract(ckpt, out, tasks=["reshading"], usage=tmp_path, device="cpu")
+        write_extracted(ckpt, out, tasks=["reshading"], usage=tmp_path, device="cpu")
     with pytest.raises(ConfigError):
-        extract(ckpt, out, threshold=1.2, usage=tmp_path, device="cpu")
+        write_extracted(ckpt, out, threshold=1.2, usage=tmp_path, device="cpu")
     other = tmp_path / "other"
     write_checkpoint(other, make_moe("per_task", seed=5), images)
     with pytest.raises(CheckpointError, match="another checkpoint"):
-        extract(ckpt, out, usage=other / "usage.json", device="cpu")
+        write_extracted(ckpt, out, usage=other / "usage.json", device="cpu")
     assert not out.exists()
 
 
 def test_dense_model_keeps_the_encoder(make_moe, images, tmp_path):
     model = make_moe("dense")
     ckpt = write_checkpoint(tmp_path, model)
-    results = extract(ckpt, tmp_path / "out", tasks=["depth_euclidean"], device="cpu")
+    results = write_extracted(ckpt, tmp_path / "out", tasks=["depth_euclidean"], device="cpu")
     r = results["depth_euclidean"]
     assert r["kept"] == {} and r["max_abs_diff"] <= 1e-5
     assert r["params"]["extracted"] < r["params"]["full"]  # the other tasks' heads are gone

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from modsquad.core.errors import DataError, OutputPathError, UnknownNameError
-from modsquad.extract.export import extract
+from modsquad.extract.export import write_extracted
 from modsquad.predict import ModelInput, fit_size, predict_images, preprocess, read_images, render
 from modsquad.tasks import get_task
 
@@ -26,7 +26,7 @@ def _image(path, h, w, channels=3):
 
 
 def test_extracted_model_any_image_size(checkpoint, tmp_path):
-    extract(checkpoint, tmp_path / "ext", tasks=["segment_semantic"], usage=checkpoint.parent, device="cpu")
+    write_extracted(checkpoint, tmp_path / "ext", tasks=["segment_semantic"], usage=checkpoint.parent, device="cpu")
     a = _image(tmp_path / "a.jpg", 45, 71)
     b = _image(tmp_path / "b.png", 20, 20, channels=1)
     # the weights file of an extracted model is accepted in place of its folder

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from modsquad.core.errors import ConfigError
-from modsquad.extract.export import extract_standalone
+from modsquad.extract.export import extract_model
 from modsquad.extract.prune import check_selection, count_params, select_experts, select_layer_experts
 from modsquad.extract.usage import count_usage
 from modsquad.moe import MoEAttention, MoEMlp
@@ -47,46 +47,46 @@ def test_extracted_equals_full_when_every_used_expert_is_kept(make_moe, images, 
         full = model(images)
     full_params, kept_total, experts_total = count_params(model), 0, 0
     for task in model.tasks:
-        sub = extract_standalone(model, task, counts[task])
+        extracted = extract_model(model, task, counts[task])
         with torch.no_grad():
-            out = sub(images)
+            out = extracted(images)
         assert out.shape == full[task].shape
         torch.testing.assert_close(out, full[task], atol=1e-5, rtol=0)
-        assert count_params(sub) < full_params
-        kept_total += sum(map(len, sub.info["kept"].values()))
+        assert count_params(extracted) < full_params
+        kept_total += sum(map(len, extracted.info["kept"].values()))
         experts_total += sum(layer.num_experts for _, layer in model.moe_layers())
         if router == "task_level":  # fixed routing per task: folded into dense layers, no router left
-            assert sub.info["folded"] and not sub.model.moe_layers()
-            assert not any(isinstance(m, (MoEMlp, MoEAttention)) for m in sub.modules())
+            assert extracted.info["folded"] and not extracted.model.moe_layers()
+            assert not any(isinstance(m, (MoEMlp, MoEAttention)) for m in extracted.modules())
     assert kept_total < experts_total  # experts really were dropped, so the equality is not trivial
 
 
 def test_sliced_router_rows_and_task_embedding(make_moe, images):
     model = make_moe("per_task")
     counts, _ = count_usage(model, [images])
-    sub = extract_standalone(model, "normal", counts["normal"])
+    extracted = extract_model(model, "normal", counts["normal"])
     t = model.task_index("normal")
     for name, layer in model.moe_layers():
-        kept = sub.info["kept"][name]
-        small = sub.model.get_submodule(name)
+        kept = extracted.info["kept"][name]
+        small = extracted.model.get_submodule(name)
         assert small.num_experts == len(kept) and small.num_tasks == 1 and small.top_k == layer.top_k
         torch.testing.assert_close(small.router.weight[0], layer.router.weight[t, kept])
         if isinstance(layer, MoEMlp):
             torch.testing.assert_close(small.fc1.weight, layer.fc1.weight[kept])
         else:
             torch.testing.assert_close(small.q_weight, layer.q_weight[kept])
-    torch.testing.assert_close(sub.model.task_embed[0], model.task_embed[t])
-    assert list(sub.model.heads) == ["normal"]
+    torch.testing.assert_close(extracted.model.task_embed[0], model.task_embed[t])
+    assert list(extracted.model.heads) == ["normal"]
 
 
 def test_threshold_extraction_is_smaller(make_moe, images):
     model = make_moe("per_task")
     counts, _ = count_usage(model, [images])
-    exact = extract_standalone(model, "depth_euclidean", counts["depth_euclidean"])
-    pruned = extract_standalone(model, "depth_euclidean", counts["depth_euclidean"], threshold=0.2)
-    assert count_params(pruned) < count_params(exact)
+    exact = extract_model(model, "depth_euclidean", counts["depth_euclidean"])
+    smaller = extract_model(model, "depth_euclidean", counts["depth_euclidean"], threshold=0.2)
+    assert count_params(smaller) < count_params(exact)
     for name, layer in model.moe_layers():
-        assert len(pruned.info["kept"][name]) >= layer.top_k
+        assert len(smaller.info["kept"][name]) >= layer.top_k
 
 
 OFFICIAL = dict(gate_values="topk_probs", task_embed="every_block", mi_reduce="sum", moa_bias="official",
@@ -104,15 +104,15 @@ def test_official_options_extract_exactly_keeping_every_gate_row(make_moe, image
         full = model(images)
     dropped = 0
     for task in model.tasks:
-        sub = extract_standalone(model, task, counts[task])
+        extracted = extract_model(model, task, counts[task])
         with torch.no_grad():
-            torch.testing.assert_close(sub(images), full[task], atol=1e-5, rtol=0)
+            torch.testing.assert_close(extracted(images), full[task], atol=1e-5, rtol=0)
         if router == "task_level":
             continue
         t = model.task_index(task)
         for name, layer in model.moe_layers():
-            small = sub.model.get_submodule(name)
-            kept = sub.info["kept"][name]
+            small = extracted.model.get_submodule(name)
+            kept = extracted.info["kept"][name]
             assert small.num_experts == len(kept) and small.router.num_gate_rows == layer.num_experts
             if router == "per_task":
                 torch.testing.assert_close(small.router.weight[0], layer.router.weight[t])

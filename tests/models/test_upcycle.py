@@ -8,7 +8,7 @@ from timm.layers import resample_abs_pos_embed
 
 from modsquad.core.errors import CheckpointError
 from modsquad.models import create_model
-from modsquad.models.upcycle import upcycle_from_timm
+from modsquad.models.upcycle import resolve_init_from, upcycle_from_timm
 
 TASKS = ["depth_euclidean", "normal"]
 SMALL = dict(embed_dim=32, depth=2, num_heads=2, patch_size=8)
@@ -83,3 +83,61 @@ def test_bad_checkpoints_are_checkpoint_errors(dense_pth, tmp_path):
     torch.save({"foo": torch.zeros(1)}, tmp_path / "other.pth")
     with pytest.raises(CheckpointError, match="not a timm ViT"):
         upcycle_from_timm(_tiny(), tmp_path / "other.pth")
+
+
+# --- pretrained names through the local Hugging Face cache (no network) ---------------------------------
+
+NAME = "vit_small_patch16_224.augreg_in21k_ft_in1k"
+
+
+def fake_hub_cache(root, repo, state, filename="model.safetensors", commit="0" * 40):
+    """Write `state` into `root` laid out as huggingface_hub's cache holds a downloaded repository:
+    models--<org>--<name>/{refs/main, snapshots/<commit>/<filename>} (what timm's hf_hub_id loading reads)."""
+    folder = root / f"models--{repo.replace('/', '--')}"
+    (folder / "refs").mkdir(parents=True, exist_ok=True)
+    (folder / "refs" / "main").write_text(commit)
+    (folder / "snapshots" / commit).mkdir(parents=True, exist_ok=True)
+    path = folder / "snapshots" / commit / filename
+    save_file(state, path) if filename.endswith(".safetensors") else torch.save(state, path)
+    return path
+
+
+@pytest.fixture
+def offline_cache(tmp_path, monkeypatch):
+    cache = tmp_path / "hf" / "hub"
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return cache
+
+
+def test_timm_name_is_read_from_the_local_hub_cache(offline_cache):
+    """`timm:<name>.<tag>` -> pretrained_cfg.hf_hub_id (timm/<name>.<tag>) -> the cached model.safetensors; a tiny
+    state dict stands in for the real weights, so the model is upcycled from exactly those tensors."""
+    dense = _dense()
+    fake_hub_cache(offline_cache, f"timm/{NAME}", {k: v.contiguous() for k, v in dense.state_dict().items()})
+    model = _tiny(mlp_experts=4, mlp_top_k=2, mlp_expert_hidden=None, attn_experts=4, attn_top_k=2,
+                  attn_head_dim=16)
+    assert upcycle_from_timm(model, f"timm:{NAME}") == {"dense_layers": 0, "moe_mlp": 2, "moe_attn": 2}
+    assert torch.equal(model.patch_embed.proj.weight, dense.patch_embed.proj.weight)
+    assert torch.equal(model.blocks[1].norm1.bias, dense.blocks[1].norm1.bias)
+
+
+def test_hf_hub_repo_with_a_pytorch_bin(offline_cache):
+    dense = _dense()
+    fake_hub_cache(offline_cache, "someone/tiny-vit", dense.state_dict(), filename="pytorch_model.bin")
+    assert resolve_init_from("hf-hub:someone/tiny-vit").name == "pytorch_model.bin"
+    model = _tiny()
+    upcycle_from_timm(model, "hf-hub:someone/tiny-vit")
+    assert torch.equal(model.norm.weight, dense.norm.weight)
+
+
+def test_missing_or_unknown_names_are_one_line_errors(offline_cache):
+    with pytest.raises(CheckpointError, match=rf"timm/{NAME} is not in {offline_cache}.*HF_HUB_OFFLINE.*"
+                                              rf"hf download timm/{NAME}") as err:
+        upcycle_from_timm(_tiny(), f"timm:{NAME}")
+    assert "\n" not in str(err.value)
+    with pytest.raises(CheckpointError, match=r"no pretrained weights named 'vit_smal_patch16_224'.*did you mean"):
+        resolve_init_from("timm:vit_smal_patch16_224")
+    with pytest.raises(CheckpointError, match="not in"):
+        resolve_init_from("hf-hub:someone/absent@v1")

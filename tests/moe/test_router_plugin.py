@@ -13,7 +13,7 @@ from modsquad.bench.bench import benchmark, count_params, task_param_count
 from modsquad.checkpoint import load_model
 from modsquad.config import load_config
 from modsquad.data import synthesize
-from modsquad.extract.export import extract
+from modsquad.extract.export import write_extracted
 from modsquad.extract.usage import compute_usage
 from modsquad.moe import ROUTERS, Router, build_router, register_router, router_class, router_names
 from modsquad.train.trainer import train
@@ -152,7 +152,7 @@ def test_plugin_router_trains_counts_extracts_grows_and_benches(plugin_run):
     assert {layer["kind"] for layer in report["layers"]} == {"attn", "mlp"}
 
     out = plugin_run / "extracted"
-    summaries = extract(run, out, max_images=1, check_images=1, device="cpu")  # 1 image: experts are dropped
+    summaries = write_extracted(run, out, max_images=1, check_images=1, device="cpu")  # 1 image: experts are dropped
     for task, summary in summaries.items():
         layers = dict(model.moe_layers())
         assert any(len(ids) < layers[name].num_experts for name, ids in summary["kept"].items()), task

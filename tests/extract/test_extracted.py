@@ -5,8 +5,8 @@ import torch
 
 import modsquad
 from modsquad.core.errors import CheckpointError
-from modsquad.extract.export import extract
-from modsquad.extract.standalone import ExtractedModel, load_extracted
+from modsquad.extract.export import write_extracted
+from modsquad.extract.extracted import ExtractedModel, load_extracted
 from modsquad.moe import FoldedMoEAttention, MoEAttention
 
 from .conftest import write_checkpoint
@@ -17,17 +17,17 @@ def extracted(make_moe, images, tmp_path):
     """(full model, directory of its extracted `normal` task) for a per_task model."""
     model = make_moe("per_task")
     ckpt = write_checkpoint(tmp_path, model, images)
-    extract(ckpt, tmp_path / "out", tasks=["normal"], usage=tmp_path / "usage.json", device="cpu")
+    write_extracted(ckpt, tmp_path / "out", tasks=["normal"], usage=tmp_path / "usage.json", device="cpu")
     return model, tmp_path / "out" / "normal"
 
 
 def test_load_extracted_needs_only_its_directory(extracted, images, tmp_path):
     model, folder = extracted
     (tmp_path / "last.safetensors").unlink()  # the source checkpoint is gone
-    sub = modsquad.load_extracted(folder)
-    assert isinstance(sub, ExtractedModel) and not sub.training and sub.task == "normal"
+    loaded = modsquad.load_extracted(folder)
+    assert isinstance(loaded, ExtractedModel) and not loaded.training and loaded.task == "normal"
     with torch.no_grad():
-        torch.testing.assert_close(sub(images), model(images)["normal"], atol=1e-5, rtol=0)
+        torch.testing.assert_close(loaded(images), model(images)["normal"], atol=1e-5, rtol=0)
     assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
     info = json.loads((folder / "config.json").read_text())
     assert info["task_spec"]["channels"] == 3 and info["source"]["sha256"]
@@ -48,7 +48,7 @@ def test_weights_of_another_task(extracted, make_moe, images, tmp_path):
     _, folder = extracted
     other = tmp_path / "other"
     write_checkpoint(other, make_moe("per_task", seed=3), images)
-    extract(other / "last.safetensors", other / "out", tasks=["depth_euclidean"], usage=other, device="cpu")
+    write_extracted(other / "last.safetensors", other / "out", tasks=["depth_euclidean"], usage=other, device="cpu")
     (folder / "model.safetensors").write_bytes((other / "out" / "depth_euclidean" / "model.safetensors").read_bytes())
     with pytest.raises(CheckpointError):
         load_extracted(folder)

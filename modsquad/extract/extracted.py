@@ -1,9 +1,11 @@
-"""Standalone single-task models: the module that `modsquad.load_extracted` returns, and folding of fixed routing.
+"""The extracted model: the one-task module `modsquad.load_extracted` returns, its folder format (save and load)
+and folding of fixed routing.
 
-An extracted task lives in a directory of two files (written by `modsquad.extract.export.save_extracted`):
+An extracted task lives in a folder of two files (written by `save_extracted`, read by `load_extracted`):
 
     config.json         format, task, task spec, the single-task `model_config`, whether MoE layers are folded,
-                        kept expert ids per layer, source checkpoint hash, sha256 of the weights, measured error
+                        kept expert ids per layer, source checkpoint hash, sha256 of the weights, measured error,
+                        preprocessing and output meaning
     model.safetensors   the weights of that single-task `MultiTaskViT` (after folding)
 
 `load_extracted(dir)` rebuilds the architecture from `model_config` with the same `MultiTaskViT` class, applies the
@@ -21,17 +23,20 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from huggingface_hub import ModelCard, ModelCardData, ModelHubMixin, snapshot_download
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..core.errors import CheckpointError, UserError
+from ..core.version import __version__
 from ..models import build_model_from_config
 from ..tasks import TASKS, TaskSpec, register_task
+from ..tasks.visualize import output_meaning
 
 EXTRACTED_FORMAT = "modsquad-extracted"
 CONFIG_NAME = "config.json"
@@ -57,11 +62,11 @@ def fold_moe_layers(model: nn.Module) -> list[str]:
 
 class ExtractedModel(nn.Module, ModelHubMixin, library_name="modsquad",
                      tags=["modsquad", "mixture-of-experts", "multi-task", "vision"]):
-    """A single-task model: `sub(images [B, 3, H, W]) -> Tensor` ([B, C, H, W] dense, [B, classes] otherwise).
+    """A single-task model: `extracted(images [B, 3, H, W]) -> Tensor` ([B, C, H, W] dense, [B, classes] otherwise).
 
     Wraps a one-task `MultiTaskViT` (`self.model`), possibly with folded MoE layers. `info` is the extracted
     model's config.json (task spec, kept experts, source checkpoint, preprocessing, output meaning).
-    Hugging Face Hub: `sub.save_pretrained(dir)`, `sub.push_to_hub("user/name")` and
+    Hugging Face Hub: `extracted.save_pretrained(dir)`, `extracted.push_to_hub("user/name")` and
     `ExtractedModel.from_pretrained("user/name" or dir)` write / read the same two files as `modsquad extract`.
     """
 
@@ -94,8 +99,6 @@ class ExtractedModel(nn.Module, ModelHubMixin, library_name="modsquad",
 
     def _save_pretrained(self, save_directory: Path) -> None:
         """config.json + model.safetensors, as `modsquad extract` writes them (the mixin adds a README.md)."""
-        from .export import save_extracted
-
         rewritten = ("format", "version", "task", "task_spec", "weights_sha256", "onnx")  # no model.onnx here
         save_extracted(self, save_directory, {k: v for k, v in self.info.items() if k not in rewritten})
 
@@ -113,7 +116,7 @@ class ExtractedModel(nn.Module, ModelHubMixin, library_name="modsquad",
                  f"- Input: RGB in [0, 1], normalised with mean {pre.get('mean')} and std {pre.get('std')}, "
                  f"[batch, 3, H, W] with H and W multiples of {pre.get('size_multiple')} "
                  f"(trained at {pre.get('input_size')})", "",
-                 "```python", "from modsquad.extract.standalone import ExtractedModel", "",
+                 "```python", "from modsquad.extract.extracted import ExtractedModel", "",
                  "model = ExtractedModel.from_pretrained(REPO_ID)   # model(images) -> prediction", "```", ""]
         return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
 
@@ -144,6 +147,55 @@ def config_sha256(info: dict) -> str:
     model.safetensors' metadata so that an edited config.json (e.g. another top_k) is caught at load time."""
     body = {k: v for k, v in info.items() if k != "weights_sha256"}
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+# --- the folder: save and load -----------------------------------------------------------------------------
+
+def task_spec_dict(spec) -> dict:
+    """The JSON-able fields of a TaskSpec (codecs are code, not data, and are not needed to predict)."""
+    return {"name": spec.name, "channels": spec.channels, "kind": spec.kind, "loss": spec.loss,
+            "metrics": list(spec.metrics), "primary": spec.primary, "suite": spec.suite,
+            "description": spec.description}
+
+
+def preprocessing_dict(extracted: ExtractedModel) -> dict:
+    """What the caller must do to an image before `extracted(images)` (and the ONNX model), as plain JSON: RGB,
+    NCHW float32, pixel values scaled to [0, 1] and then normalised per channel with `mean` / `std`, at any height
+    and width that are multiples of `patch_size` (`input_size` is what it was trained at). Models with
+    `input_norm: minus1_1` take the same input and map it to [-1, 1] inside the model."""
+    cfg = extracted.pretrained_cfg
+    internal = cfg["input_norm"]
+    return {"channel_order": "RGB", "layout": "NCHW", "dtype": "float32", "value_range": [0.0, 1.0],
+            "mean": list(cfg["mean"]), "std": list(cfg["std"]), "normalize": "(x - mean) / std per channel",
+            "input_size": list(cfg["input_size"]), "patch_size": cfg["patch_size"],
+            "size_multiple": cfg["patch_size"], "interpolation": cfg["interpolation"],
+            "inside_model": ("nothing more" if internal == "imagenet" else
+                             "maps the normalised input back to [0, 1] and then to [-1, 1] (input_norm minus1_1)")}
+
+
+def model_io(extracted: ExtractedModel) -> dict:
+    """{"preprocessing": ..., "output": ...}: what goes in (`preprocessing_dict`) and what comes out
+    (`modsquad.tasks.visualize.output_meaning`: task, kind, channels, units, value range, class names)."""
+    return {"preprocessing": preprocessing_dict(extracted), "output": output_meaning(extracted.spec)}
+
+
+def save_extracted(extracted: ExtractedModel, out_dir: str | os.PathLike, info: Mapping) -> Path:
+    """Write `model.safetensors` and `config.json` (info + task, architecture, preprocessing, output meaning and
+    weights hash) into `out_dir`; `extracted.info` becomes that config.json."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    weights = out_dir / WEIGHTS_NAME
+    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in extracted.model.state_dict().items()}
+    config = json.loads(json.dumps({"format": EXTRACTED_FORMAT, "version": __version__, "task": extracted.task,
+                                    "task_spec": task_spec_dict(extracted.spec), **info,
+                                    **model_io(extracted)}))  # as it reads back
+    # the weights carry the config's hash and the config the weights' hash: editing either file is caught
+    save_file(state, str(weights), metadata={"format": EXTRACTED_FORMAT, "task": extracted.task,
+                                             "config_sha256": config_sha256(config)})
+    config["weights_sha256"] = file_sha256(weights)
+    (out_dir / CONFIG_NAME).write_text(json.dumps(config, indent=1))
+    extracted.info = config
+    return out_dir
 
 
 def read_extracted_config(path: str | os.PathLike) -> dict:
@@ -187,7 +239,7 @@ def build_extracted(info: dict) -> ExtractedModel:
 
 
 def load_extracted(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> ExtractedModel:
-    """Load `DIR/<task>` written by `modsquad extract`: an `ExtractedModel` in eval mode, `sub(images) -> Tensor`.
+    """Load `DIR/<task>` written by `modsquad extract`: an `ExtractedModel` in eval mode, `extracted(images) -> Tensor`.
 
     Checks that config.json is an extracted model's, that model.safetensors has the recorded sha256 (so a
     truncated or swapped file is caught), that config.json has the sha256 recorded in the weights' metadata (so
@@ -212,16 +264,16 @@ def load_extracted(path: str | os.PathLike, map_location: str | torch.device = "
         raise CheckpointError(f"{path / CONFIG_NAME}: edited after extraction (its sha256 does not match the one "
                               f"in {WEIGHTS_NAME}); extract the task again")
     try:
-        sub = build_extracted(info)
+        extracted = build_extracted(info)
     except CheckpointError:
         raise
     except (UserError, KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path / CONFIG_NAME}: model_config cannot be built: {e}") from None
-    expected = {k: tuple(v.shape) for k, v in sub.model.state_dict().items()}
+    expected = {k: tuple(v.shape) for k, v in extracted.model.state_dict().items()}
     found = {k: tuple(v.shape) for k, v in state.items()}
     if expected != found:
         wrong = sorted(k for k in expected.keys() | found.keys() if expected.get(k) != found.get(k))
         raise CheckpointError(f"{weights}: weights do not match the architecture in {CONFIG_NAME} "
                               f"({len(wrong)} tensor(s) missing, unexpected or misshapen, e.g. {wrong[0]!r})")
-    sub.model.load_state_dict(state, strict=True)
-    return sub.to(map_location).eval()
+    extracted.model.load_state_dict(state, strict=True)
+    return extracted.to(map_location).eval()
