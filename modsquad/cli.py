@@ -246,7 +246,7 @@ def train_cmd(config: Path = typer.Option(None, "--config", "-c", help="Run conf
 
     Examples (a tiny run on CPU; then a task it does not have added to it; a paper config on 8 GPUs):
       modsquad train --config synthetic_tiny --set train.epochs=2 --out runs/tiny
-      modsquad train --from runs/tiny --add-tasks principal_curvature --freeze experts --out runs/tiny_curv
+      modsquad train --from runs/tiny --add-tasks keypoints2d --freeze experts --out runs/tiny_kp
       torchrun --nproc_per_node 8 --no-python modsquad train --config taskonomy_vit_s
     """
     _out_dir(out)
@@ -356,11 +356,17 @@ def compare_cmd(runs: list[Path] = typer.Argument(..., help="Run directories (ea
 
     Example: modsquad compare runs/dense runs/per_task runs/task_level --baseline runs/dense
     """
-    from .bench.compare import compare_runs, compare_table, default_compare_out, task_metrics_table, write_compare
+    from .bench.compare import (
+        compare_runs,
+        compare_table,
+        default_compare_out,
+        task_metrics_table,
+        write_compare,
+    )
 
     _out_dir(out)
     result = compare_runs(runs, baseline, split=split, flops=flops)
-    out = out if out is not None else default_compare_out(result)
+    out = out if out is not None else _out_dir(default_compare_out(result))
     paths = write_compare(result, out)
     console.print(compare_table(result))
     console.print(task_metrics_table(result))

@@ -134,7 +134,7 @@ CASES = {
     # compare
     "compare/missing": ["compare", "{missing}", "--out", "{new}"],
     "compare/out-is-file": ["compare", "{run}", "--out", "{file}"],
-    "compare/not-evaluated": ["compare", "{run}", "--out", "{new}"],
+    "compare/not-evaluated": ["compare", "{run}", "--split", "test", "--out", "{new}"],  # no test-split eval
     "compare/baseline-garbage": ["compare", "{run}", "--baseline", "{badjson}", "--out", "{new}"],
     # usage
     "usage/missing": ["usage", "{missing}"],
@@ -209,7 +209,7 @@ def snapshot(world):
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_input_is_one_line_and_exit_2(case, world, snapshot, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # default outputs (compare_out, bench_out, demo_out) would land here
+    monkeypatch.chdir(tmp_path)  # a default output that lands in the current folder (demo_out) would land here
     args = [a.format(**{k: str(v) for k, v in world.items()}) for a in CASES[case]]
     result = CliRunner().invoke(app, args)
     lines = [line for line in result.output.splitlines() if line.strip()]

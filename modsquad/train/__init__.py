@@ -3,7 +3,7 @@
 optim, distributed (data order), transfer (adding tasks). See docs/architecture.md.
 
     from modsquad.train import train, train_add_tasks
-    result = train(load_config("configs/synthetic_tiny.yaml"), out="runs/tiny")
+    result = train(load_config("synthetic_tiny"), out="runs/tiny")
 """
 
 from .trainer import TrainResult, train

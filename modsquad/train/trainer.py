@@ -1,6 +1,6 @@
 """Multi-task training: the loop. One forward for all tasks, the objective's loss, AdamW; collaborators do the rest.
 
-    result = modsquad.train.train(load_config("configs/synthetic_tiny.yaml"), out="runs/tiny")
+    result = modsquad.train.train(load_config("synthetic_tiny"), out="runs/tiny")
     result = modsquad.train.train(None, out="runs/tiny", resume=True)   # continue from the run's checkpoint
 
 A step: every image carries all requested tasks' labels (missing ones masked), the model runs once for all
