@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 
 from modsquad.checkpoint import save_model
 from modsquad.cli import app
-from modsquad.extract.extracted import file_sha256
+from modsquad.core.hashing import file_sha256
 from modsquad.extract.usage import count_usage, save_usage, usage_report
 from modsquad.models import MultiTaskViT
 

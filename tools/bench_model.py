@@ -39,7 +39,7 @@ from timm.layers import Mlp
 import modsquad
 from modsquad.bench import count_flops, dense_timm_baseline, time_interleaved
 from modsquad.extract import ExtractedModel, extract_task_model
-from modsquad.moe import MoEMlp
+from modsquad.moe import MoEMlp, dispatch_paths
 from modsquad.moe.dispatch import grouped_mm_supported
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -190,10 +190,16 @@ def bench_model(args, device: torch.device, amp: bool, console: Console) -> tupl
     extracted = ExtractedModel(extract_task_model(model, task, kept)).eval()
     info = dict(model=args.model, tasks=tasks, task=task, img_size=args.img_size,
                 kept_experts={n: len(v) for n, v in kept.items()},
+                dispatch_paths={"full": dispatch_paths(model), "extracted": dispatch_paths(extracted)},
                 experts={n: layer.num_experts for n, layer in model.moe_layers()},
                 params={"full": sum(p.numel() for p in model.parameters()),
                         "extracted": sum(p.numel() for p in extracted.parameters()),
                         "dense": sum(p.numel() for p in dense.parameters())})
+
+    paths = info["dispatch_paths"]["extracted"]
+    console.print("  extracted model's MoE layers run " + ", ".join(
+        f"{sum(p == path for p in paths.values())} {path}" for path in sorted(set(paths.values())))
+        + " (stacked: every kept expert in one concatenated matmul)")
 
     def full_task(x):
         return model(x, tasks=[task])[task]

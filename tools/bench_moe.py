@@ -60,6 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--skip-model", action="store_true")
     p.add_argument("--skip-layers", action="store_true")
     p.add_argument("--quick", action="store_true", help="tiny sizes, few repeats, one thread (smoke test)")
+    p.add_argument("--stacked", action="store_true", help="only the sweep behind the stacked-path rule "
+                   "(modsquad.moe.layer.STACKED_MAX_RATIO): stacked vs sorted inference, E/k from 1 to 2")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
     if args.quick:
@@ -242,6 +244,49 @@ def _print_layer_table(console: Console, rows: list[dict]) -> None:
     console.print(table)
 
 
+def bench_stacked(args, device: torch.device, console: Console) -> list[dict]:
+    """No-grad inference of MoE MLP (D, expert hidden 4D / k) and MoA (head_dim 2D / 6 as Mod-Squad) for
+    E = k .. 2k experts, one task: the stacked path (every expert in one concatenated matmul) against sorted
+    dispatch, interleaved, at `--seq-len` tokens (one image) and `--tokens` tokens. The rule E <= r * k in
+    `modsquad.moe.layer.STACKED_MAX_RATIO` comes from this table."""
+    import modsquad.moe.layer as moe_layer
+
+    d, k = args.dim, args.top_k
+    rows = []
+    for kind in ("mlp", "attn"):
+        for experts in sorted({k, round(1.25 * k), round(1.5 * k), 2 * k}):
+            if kind == "mlp":
+                layer = MoEMlp(d, 4 * d, experts, k, num_tasks=1)
+            else:
+                layer = MoEAttention(d, 2 * d // 6, experts, k, num_tasks=1, bias="official")
+            layer = layer.to(device).eval()
+            layer.track_usage = False
+            spread_routers(layer)
+            for tokens in (args.seq_len, args.tokens):
+                x = torch.randn(max(tokens // args.seq_len, 1), args.seq_len, d).to(device)
+
+                def call(path, layer=layer, x=x):
+                    def run():
+                        saved = dict(moe_layer.STACKED_MAX_RATIO)
+                        moe_layer.STACKED_MAX_RATIO[layer.kind] = float("inf") if path == "stacked" else 0.0
+                        try:
+                            with torch.no_grad():
+                                return layer(x, 0)
+                        finally:
+                            moe_layer.STACKED_MAX_RATIO.update(saved)
+                    return run
+
+                ms = interleaved_median_ms({"stacked": call("stacked"), "sorted": call("sorted")}, args.repeats,
+                                           args.warmup, device)
+                rows.append(dict(layer=kind, experts=experts, top_k=k, tokens=x.shape[0] * x.shape[1],
+                                 stacked_ms=ms["stacked"], sorted_ms=ms["sorted"],
+                                 ratio=ms["stacked"] / ms["sorted"]))
+                console.print(f"  {kind} E={experts} k={k} (E/k {experts / k:.2f}) tokens {rows[-1]['tokens']}: "
+                              f"stacked {ms['stacked']:.2f} ms, sorted {ms['sorted']:.2f} ms, "
+                              f"ratio {rows[-1]['ratio']:.2f}")
+    return rows
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     console = Console()
@@ -252,6 +297,13 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     console.print(f"torch {torch.__version__} on {device} ({torch.get_num_threads()} threads); tokens {args.tokens}, "
                   f"dim {args.dim}, {args.experts} experts, top-{args.top_k}")
+    if args.stacked:
+        rows = bench_stacked(args, device, console)
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(dict(device=str(device), torch=torch.__version__,
+                                                threads=torch.get_num_threads(), stacked=rows), indent=2))
+        return 0
     rows = [] if args.skip_layers else bench_layers(args, device, console)
     model = {"skipped": "--skip-model"} if args.skip_model else bench_model(args, device, console)
     print_tables(console, rows, model)

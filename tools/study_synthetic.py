@@ -42,7 +42,6 @@ from modsquad.tasks import get_task
 from modsquad.train import train
 from modsquad.train.transfer import train_add_tasks
 
-REPO = Path(__file__).resolve().parents[1]
 CONFIGS = CONFIG_DIR
 #: Two 3-D and two 2-D tasks. segment_semantic is not among them: at 32 px and 300 steps every model of a first
 #: try predicted only the background class (miou 5.4 % in all 13 runs), which cannot tell routers apart.

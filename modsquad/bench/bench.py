@@ -49,6 +49,7 @@ from ..evaluate.evaluator import metric_kwargs
 from ..extract.extracted import file_sha256, load_extracted
 from ..extract.usage import routing_coverage
 from ..moe.dispatch import grouped_mm_supported
+from ..moe.layer import dispatch_paths
 from ..run import Run
 from ..tasks.metrics import MultiTaskMetrics
 
@@ -69,6 +70,10 @@ DEFINITIONS = {
                         "the evaluated images that lie inside the extracted model's kept experts; held_out tells "
                         "whether those images are another split than the one usage was counted on (exactness "
                         "of a usage-based extraction holds only where coverage is 1)",
+    "dispatch_paths": "how each MoE layer of the extracted model runs: sorted (tokens sorted by expert, grouped "
+                      "matmuls), stacked (every kept expert in one concatenated matmul, gates on the hidden "
+                      "chunks; when experts <= 1.25 x top-k for MLPs, 1.5 x for attention) or folded (fixed "
+                      "routing, a dense layer)",
     "dense_timm": "baseline: a single-task dense timm VisionTransformer of the checkpoint's shape (patch size, "
                   "width, depth, heads, MLP ratio; no MoE, no task embedding) plus the task's head, random "
                   "weights (cost only, no metrics); ratios extracted_vs_dense and full_vs_dense divide by it",
@@ -603,7 +608,8 @@ def benchmark(checkpoint: str | Path, extracted: str | Path, *, tasks: Sequence[
         extracted_entry, full = entry(t, metrics.get(t, {})), entry(f"full/{t}", full_metrics.get(t, {}))
         result_tasks[t] = {**extracted_entry, "full": full, "max_abs_diff": diffs[t],
                            "ratios": ratios(extracted_entry, full),
-                           "heldout_coverage": coverage.get(t)}
+                           "heldout_coverage": coverage.get(t),
+                           "dispatch_paths": dispatch_paths(extracted_models[t])}
         if t in dense:
             base = entry(f"dense/{t}")
             result_tasks[t]["dense_timm"] = base

@@ -27,9 +27,10 @@ from ..checkpoint import load_model, resolve_checkpoint
 from ..core.atomic import publish, staging_dir
 from ..core.devices import resolve_device
 from ..core.errors import CheckpointError, ConfigError, DataError, OutputPathError, UnknownNameError
+from ..core.hashing import file_sha256
 from ..core.version import __version__
 from ..data.from_config import random_images
-from .extracted import ONNX_NAME, ExtractedModel, file_sha256, fold_moe_layers, model_io, save_extracted
+from .extracted import ONNX_NAME, ExtractedModel, fold_moe_layers, model_io, save_extracted
 from .prune import check_selection, count_params, extract_task_model, select_experts
 from .usage import (
     capped_images,

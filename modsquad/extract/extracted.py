@@ -20,7 +20,6 @@ with k heads sharing one key/value projection (`FoldedMoEAttention`).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Mapping
@@ -33,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..core.errors import CheckpointError, UserError
+from ..core.hashing import file_sha256, json_sha256
 from ..core.version import __version__
 from ..models import build_model_from_config
 from ..tasks import TASKS, TaskSpec, register_task
@@ -133,20 +133,11 @@ class ExtractedModel(nn.Module, ModelHubMixin, library_name="modsquad",
         return load_extracted(folder, map_location=map_location)
 
 
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def config_sha256(info: dict) -> str:
     """sha256 of an extracted config.json's content without its `weights_sha256` (canonical JSON), stored in
     model.safetensors' metadata so that an edited config.json (e.g. another top_k) is caught at load time."""
     body = {k: v for k, v in info.items() if k != "weights_sha256"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return json_sha256(body)
 
 
 # --- the folder: save and load -----------------------------------------------------------------------------

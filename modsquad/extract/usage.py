@@ -30,11 +30,11 @@ from ..checkpoint import load_model, resolve_checkpoint
 from ..core.atomic import atomic_write
 from ..core.devices import resolve_device
 from ..core.errors import CheckpointError, ConfigError
+from ..core.hashing import file_sha256
 from ..data.from_config import eval_dataset
 from ..data.from_config import eval_loader as make_loader
 from ..moe import experts_for_mass_count
 from ..run import USAGE_FILE, Run
-from .extracted import file_sha256
 
 USAGE_FORMAT = "modsquad-usage"
 USAGE_PNG = "usage.png"

@@ -20,7 +20,7 @@ from .dispatch import (
     unsort_rows,
 )
 from .experts import GroupedLinear
-from .layer import MoELayer
+from .layer import MoELayer, dispatch_paths
 from .losses import mi_loss, moe_aux_losses, mutual_information, router_z_loss, switch_balance_loss
 from .mlp import FoldedMoEMlp, MoEMlp
 from .routers import (
@@ -53,8 +53,8 @@ __all__ = [
     "GATE_VALUES", "MOA_BIAS", "PROB_EPS", "ROUTERS", "DispatchPlan", "FoldedMoEAttention", "FoldedMoEMlp",
     "GroupedLinear", "MoEAttention", "MoELayer", "MoEMlp", "PerTaskRouter", "Router", "RouterOutput",
     "SharedRouter", "TaskConditionedRouter", "TaskLevelRouter", "build_router", "combine", "count_selections",
-    "experts_for_mass", "experts_for_mass_count", "experts_over_threshold", "gather_tokens", "grouped_matmul",
-    "grouped_mm_supported", "is_exporting", "mi_loss", "moe_aux_losses", "mutual_information", "plan_dispatch",
+    "dispatch_paths", "experts_for_mass", "experts_for_mass_count", "experts_over_threshold", "gather_tokens",
+    "grouped_matmul", "grouped_mm_supported", "is_exporting", "mi_loss", "moe_aux_losses", "mutual_information", "plan_dispatch",
     "register_router", "route_top_k", "router_class", "router_names", "router_z_loss", "sort_rows",
     "switch_balance_loss", "token_task_ids", "unsort_rows", "usage_share",
 ]

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .dispatch import combine, gather_tokens, grouped_matmul, plan_dispatch, sort_rows, unsort_rows
+from .experts import stacked_columns
 from .layer import MoELayer
 from .routers import token_task_ids
 
@@ -21,6 +22,8 @@ class FoldedMoEAttention(nn.Module):
     weight, and the layer's output bias. x: [B, N, D] -> [B, N, D]; the task ids are ignored. Biases follow the
     layer's (`moa_bias`): the official layout has only a kv bias, "qo_bias" has all three.
     """
+
+    folded_moe_layer = True  # `dispatch_paths` reports it as "folded"
 
     def __init__(self, dim: int, head_dim: int, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0.,
                  proj_drop: float = 0., kv_bias: bool | None = None, proj_bias: bool = True):
@@ -93,7 +96,11 @@ class MoEAttention(MoELayer):
         """x: [B, N, D]; task_ids: [B] per sample (or [B, N] per token, or an int) -> [B, N, D]."""
         if x.dim() != 3:
             raise ValueError(f"MoEAttention expects x of shape [B, N, D], got {tuple(x.shape)}")
-        if self.runs_all_experts():
+        path = self.dispatch_path()
+        self.last_path = path
+        if path == "stacked":
+            return self.forward_stacked(x, task_ids)
+        if path == "all_experts":
             return self.forward_all_experts(x, task_ids)
         B, N, D = x.shape
         k, hd = self.top_k, self.head_dim
@@ -129,6 +136,28 @@ class MoEAttention(MoELayer):
         o = F.scaled_dot_product_attention(q, key, value, dropout_p=self.attn_drop if self.training else 0.)
         y = torch.matmul(o.transpose(0, 1).reshape(E, B * N, hd), self.o_weight)  # [E, T, D]
         out = (gates.t().unsqueeze(-1) * y).sum(0)
+        if self.o_bias is not None:
+            out = out + self.o_bias.to(out.dtype)
+        return self.proj_drop(out).view(B, N, D)
+
+    def forward_stacked(self, x: torch.Tensor, task_ids: torch.Tensor | int) -> torch.Tensor:
+        """Every expert as a head of every token, with the queries of all E experts as one matmul ([D, E*hd]),
+        one attention call of E heads sharing K/V, each head's output scaled by its gate (0 where not chosen) and
+        one output matmul over the stacked o projections ([E*hd, D]). x: [B, N, D] -> [B, N, D]; equals `forward`
+        to float rounding, at E / k times its expert FLOPs but without sorting and scattering rows."""
+        B, N, D = x.shape
+        num, hd = self.num_experts, self.head_dim
+        xt = x.reshape(B * N, D)
+        gates = self.dense_gates(self.route(xt, token_task_ids(task_ids, (B, N), x.device)), x.dtype)  # [T, E]
+        q = xt @ stacked_columns(self, "q_weight", self.q_weight)  # [T, E*hd]
+        if self.q_bias is not None:
+            q = q + self.q_bias.reshape(num * hd).to(q.dtype)
+        q = q.view(B, N, num, hd).transpose(1, 2)  # [B, E, N, hd]
+        key, value = self.kv(x).view(B, 1, N, 2, hd).unbind(3)  # [B, 1, N, hd] each, shared by the E heads
+        o = F.scaled_dot_product_attention(q, key, value, dropout_p=self.attn_drop if self.training else 0.,
+                                           enable_gqa=True)
+        o = o.transpose(1, 2).reshape(B * N, num, hd) * gates.unsqueeze(-1).to(o.dtype)
+        out = o.reshape(B * N, num * hd) @ self.o_weight.reshape(num * hd, D)  # a view of o_weight
         if self.o_bias is not None:
             out = out + self.o_bias.to(out.dtype)
         return self.proj_drop(out).view(B, N, D)

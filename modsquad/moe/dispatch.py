@@ -7,7 +7,10 @@ order and sums the k slots of each token with the gate weights.
 
 `grouped_matmul` uses `torch.nn.functional.grouped_mm` where this build runs it, forward and backward, for
 the device and dtype at hand (probed once per (device type, dtype) and cached), else one matmul per
-non-empty expert. Set the environment variable `MODSQUAD_GROUPED_MM=0` to force the loop (benchmarks).
+non-empty expert. Set the environment variable `MODSQUAD_GROUPED_MM=0` to force the loop (benchmarks), or
+`MODSQUAD_GROUPED_MM=auto` to time both once per (device, dtype, shape bucket) in this process and keep the faster
+(`auto_choices()`); results then differ by float rounding between machines and processes, since the choice is a
+measurement. The default (grouped_mm where supported) is deterministic.
 
 Under `torch.compile` the grouped matmul is the custom op `modsquad::grouped_mm` (with a fake kernel and a
 registered backward, both of static shape [S, Dout] / [E, Din, Dout]), so the per-expert row counts, which
@@ -17,6 +20,7 @@ are data, never reach the graph; rows move by plain index_selects there, which t
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -26,6 +30,8 @@ import torch.nn.functional as F
 GROUPED_MM_ENV = "MODSQUAD_GROUPED_MM"
 
 _GROUPED_MM_SUPPORT: dict[tuple[str, torch.dtype], bool] = {}
+# MODSQUAD_GROUPED_MM=auto: (device type, dtype, rows bucket, experts, Din, Dout) -> use grouped_mm?
+_AUTO_CHOICE: dict[tuple, bool] = {}
 
 
 @dataclass
@@ -224,9 +230,69 @@ def _probe_grouped_mm(device: torch.device, dtype: torch.dtype) -> bool:
         return False
 
 
+def _grouped_mm_mode() -> str:
+    """`MODSQUAD_GROUPED_MM`: "off" (0/false/no/off), "auto", or "on" (anything else, the default)."""
+    value = os.environ.get(GROUPED_MM_ENV, "1").strip().lower()
+    return "off" if value in ("0", "false", "no", "off") else "auto" if value == "auto" else "on"
+
+
+def auto_choices() -> dict[tuple, str]:
+    """What `MODSQUAD_GROUPED_MM=auto` picked so far: {(device, dtype, rows bucket, E, Din, Dout): "grouped_mm" |
+    "loop"} (a copy, for reports)."""
+    return {key: "grouped_mm" if grouped else "loop" for key, grouped in _AUTO_CHOICE.items()}
+
+
+def _rows_bucket(rows: int) -> int:
+    """Shape bucket of `rows` for the auto choice: the next power of two (timing is re-done per bucket)."""
+    return 1 << max(rows - 1, 0).bit_length()
+
+
+def _time_min(fn, repeats: int = 3) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _auto_prefers_grouped(x_sorted: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> bool:
+    """Time grouped_mm against the per-expert loop on these very inputs once per (device, dtype, rows bucket,
+    shape) and cache the faster. Both run forward only, without autograd (the backward is two more grouped
+    matmuls of the same sizes, so it follows the forward's ranking)."""
+    key = (x_sorted.device.type, x_sorted.dtype, _rows_bucket(x_sorted.shape[0]), *weight.shape)
+    if key not in _AUTO_CHOICE:
+        with torch.no_grad():
+            x, w = x_sorted.detach().contiguous(), weight.detach().contiguous()
+            splits = _splits(offsets)
+            sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
+
+            def grouped():
+                F.grouped_mm(x, w, offs=offsets)
+                sync()
+
+            def loop():
+                _loop_matmul(x, w, splits)
+                sync()
+
+            grouped(), loop()  # warm-up (kernels, allocator)
+            t_grouped, t_loop = _time_min(grouped), _time_min(loop)
+        _AUTO_CHOICE[key] = t_grouped <= t_loop
+    return _AUTO_CHOICE[key]
+
+
+def _use_grouped_mm(x_sorted: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> bool:
+    """The default choice for these rows and weights [E, Din, Dout] (env, support, alignment, auto timing)."""
+    if x_sorted.shape[0] == 0 or not _grouped_mm_usable(x_sorted, weight.shape[1:]):
+        return False
+    if _grouped_mm_mode() == "auto":
+        return _auto_prefers_grouped(x_sorted, weight, offsets)
+    return True
+
+
 def _grouped_mm_usable(x: torch.Tensor, weight_dims: tuple[int, int]) -> bool:
-    """Whether to run grouped_mm for rows `x` and expert weights of shape [E, *weight_dims]."""
-    if os.environ.get(GROUPED_MM_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+    """Whether grouped_mm can run for rows `x` and expert weights of shape [E, *weight_dims]."""
+    if _grouped_mm_mode() == "off":
         return False
     # grouped GEMM kernels need 16-byte aligned row strides
     if any(d * x.element_size() % 16 for d in weight_dims):
@@ -255,7 +321,7 @@ def _splits(offsets: torch.Tensor) -> list[int]:
 @torch.library.custom_op("modsquad::grouped_mm", mutates_args=())
 def _grouped_mm_op(x_sorted: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """x_sorted: [S, Din] sorted by expert, weight: [E, Din, Dout], offsets: [E] int32 row ends -> [S, Dout]."""
-    if x_sorted.shape[0] > 0 and _grouped_mm_usable(x_sorted, weight.shape[1:]):
+    if _use_grouped_mm(x_sorted, weight, offsets):
         return F.grouped_mm(x_sorted.contiguous(), weight, offs=offsets)
     return _loop_matmul(x_sorted, weight, _splits(offsets)).contiguous()
 
@@ -306,7 +372,8 @@ def grouped_matmul(x_sorted: torch.Tensor, weight: torch.Tensor, plan: DispatchP
     """Per-expert matmul over contiguous slices: rows of expert e are multiplied by `weight[e]`.
 
     x_sorted: [S, Din] sorted by expert, weight: [E, Din, Dout], bias: [E, Dout] or None -> [S, Dout].
-    `use_grouped_mm=None` picks grouped_mm when supported and not disabled by `MODSQUAD_GROUPED_MM=0`.
+    `use_grouped_mm=None` picks grouped_mm when supported and not disabled by `MODSQUAD_GROUPED_MM=0`
+    (`MODSQUAD_GROUPED_MM=auto`: whichever measured faster for this shape bucket, see the module docstring).
     Under torch.compile this is the custom op `modsquad::grouped_mm` (same choice, made when it runs).
     """
     if torch.is_autocast_enabled(x_sorted.device.type):
@@ -317,7 +384,7 @@ def grouped_matmul(x_sorted: torch.Tensor, weight: torch.Tensor, plan: DispatchP
         out = _grouped_mm_op(x_sorted, weight, plan.offsets)
         return out if bias is None else out + bias.index_select(0, plan.expert_index)
     if use_grouped_mm is None:
-        use_grouped_mm = _grouped_mm_usable(x_sorted, weight.shape[1:])
+        use_grouped_mm = _use_grouped_mm(x_sorted, weight, plan.offsets)
     grouped = use_grouped_mm and x_sorted.shape[0] > 0
     if grouped:
         out = F.grouped_mm(x_sorted.contiguous(), weight.contiguous(), offs=plan.offsets)

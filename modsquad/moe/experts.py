@@ -36,3 +36,20 @@ class GroupedLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, in_features={self.in_features}, "
                 f"out_features={self.out_features}, bias={self.bias is not None}")
+
+
+def stacked_columns(owner: nn.Module, name: str, weight: torch.Tensor) -> torch.Tensor:
+    """weight: [E, Din, Dout] -> [Din, E * Dout], the E experts' columns side by side (expert-major), so that
+    `x @ result` runs every expert in one matmul. The copy is cached on `owner` while no gradient is needed (the
+    cache key is the tensor's storage, version and dtype, so in-place updates and `.to()` invalidate it);
+    with autograd or under torch.compile it is recomputed each call."""
+    num, din, dout = weight.shape
+    if weight.requires_grad and torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return weight.permute(1, 0, 2).reshape(din, num * dout)
+    key = (weight.data_ptr(), weight._version, weight.dtype, weight.device, tuple(weight.shape))
+    cache = owner.__dict__.setdefault("_stacked_cache", {})
+    hit = cache.get(name)
+    if hit is None or hit[0] != key:
+        hit = (key, weight.detach().permute(1, 0, 2).reshape(din, num * dout).contiguous())
+        cache[name] = hit
+    return hit[1]

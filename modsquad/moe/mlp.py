@@ -7,7 +7,7 @@ from timm.layers import Mlp
 from torch import nn
 
 from .dispatch import combine, gather_tokens, plan_dispatch
-from .experts import GroupedLinear
+from .experts import GroupedLinear, stacked_columns
 from .layer import MoELayer
 from .routers import token_task_ids
 
@@ -15,6 +15,8 @@ from .routers import token_task_ids
 class FoldedMoEMlp(Mlp):
     """timm `Mlp` with the MoE call signature (the task ids are ignored): the dense fold of an MoE MLP with
     fixed routing (`MoEMlp.fold`). Its weights have timm's names (fc1, fc2), as a dense MLP block's."""
+
+    folded_moe_layer = True  # `dispatch_paths` reports it as "folded"
 
     def forward(self, x: torch.Tensor, task_ids: torch.Tensor | None = None) -> torch.Tensor:
         return super().forward(x)
@@ -47,7 +49,11 @@ class MoEMlp(MoELayer):
 
     def forward(self, x: torch.Tensor, task_ids: torch.Tensor | int) -> torch.Tensor:
         """x: [B, N, D] or [T, D]; task_ids: [B] per sample (or per token, or an int) -> same shape as x."""
-        if self.runs_all_experts():
+        path = self.dispatch_path()
+        self.last_path = path
+        if path == "stacked":
+            return self.forward_stacked(x, task_ids)
+        if path == "all_experts":
             return self.forward_all_experts(x, task_ids)
         shape = x.shape
         x = x.reshape(-1, shape[-1])
@@ -67,6 +73,24 @@ class MoEMlp(MoELayer):
         h = self.drop1(self.act(h))
         y = torch.matmul(h, self.fc2.weight) + self.fc2.bias.unsqueeze(1)  # [E, T, D]
         return self.drop2((gates.t().unsqueeze(-1) * y).sum(0)).view(shape)
+
+    def forward_stacked(self, x: torch.Tensor, task_ids: torch.Tensor | int) -> torch.Tensor:
+        """All E experts as one MLP of hidden E * expert_hidden: fc1 of the experts side by side ([D, E*h], one
+        matmul), each expert's hidden chunk scaled by its gate (0 where not chosen), fc2 stacked ([E*h, D], one
+        matmul), plus the gate-weighted fc2 biases. x: [B, N, D] or [T, D] -> same shape; equals `forward` to float
+        rounding, at E / k times its expert FLOPs but without sorting and scattering rows."""
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        gates = self.dense_gates(self.route(x, token_task_ids(task_ids, shape[:-1], x.device)), x.dtype)  # [T, E]
+        num, h = self.num_experts, self.expert_hidden
+        hidden = x @ stacked_columns(self, "fc1", self.fc1.weight)  # [T, E*h]
+        if self.fc1.bias is not None:
+            hidden = hidden + self.fc1.bias.reshape(num * h).to(hidden.dtype)
+        hidden = self.drop1(self.act(hidden)).view(-1, num, h) * gates.unsqueeze(-1).to(hidden.dtype)
+        y = hidden.view(-1, num * h) @ self.fc2.weight.reshape(num * h, self.dim)  # [T, D], a view of fc2
+        if self.fc2.bias is not None:
+            y = y + gates.to(y.dtype) @ self.fc2.bias.to(y.dtype)
+        return self.drop2(y).view(shape)
 
     def expert_parameters(self) -> dict[str, torch.Tensor]:
         own = {"fc1.weight": self.fc1.weight, "fc1.bias": self.fc1.bias,

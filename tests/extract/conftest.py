@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from modsquad.checkpoint import save_model
-from modsquad.extract.extracted import file_sha256
+from modsquad.core.hashing import file_sha256
 from modsquad.extract.usage import count_usage, save_usage, usage_report
 from modsquad.models import MultiTaskViT
 

@@ -152,3 +152,36 @@ def test_probe_under_inference_mode_is_not_cached_as_unsupported(monkeypatch):
     expected = dispatch._probe_grouped_mm(torch.device("cpu"), torch.float32)
     with torch.inference_mode():
         assert dispatch.grouped_mm_supported("cpu", torch.float32) == expected
+
+
+@pytest.mark.parametrize("faster", ["grouped_mm", "loop"])
+def test_auto_mode_times_once_per_bucket_and_matches_both_paths(faster, monkeypatch):
+    """MODSQUAD_GROUPED_MM=auto: one timing per (device, dtype, rows bucket, weight shape), cached; either choice
+    gives the same results (forward and gradients) to float rounding as both fixed paths."""
+    if not grouped_mm_supported("cpu", torch.float32):
+        pytest.skip("no grouped_mm for float32 on CPU")
+    monkeypatch.setenv("MODSQUAD_GROUPED_MM", "auto")
+    monkeypatch.setattr(dispatch, "_AUTO_CHOICE", {})
+    timings = []
+
+    def fake_time(fn, repeats=3):  # makes the outcome deterministic: `faster` wins
+        timings.append(fn.__name__)
+        return 1.0 if fn.__name__ == faster else 2.0
+
+    monkeypatch.setattr(dispatch, "_time_min", fake_time)
+    gen = torch.Generator().manual_seed(4)
+    plan = plan_dispatch(torch.randint(0, 6, (40, 2), generator=gen), num_experts=6)
+    x = torch.randn(80, 16, generator=gen).requires_grad_()
+    w = torch.randn(6, 16, 8, generator=gen).requires_grad_()
+    b = torch.randn(6, 8, generator=gen).requires_grad_()
+    results = {}
+    for name, use in (("auto", None), ("grouped_mm", True), ("loop", False)):
+        out = grouped_matmul(x, w, plan, b, use_grouped_mm=use)
+        grads = torch.autograd.grad((out * out).sum(), (x, w, b))
+        results[name] = (out, *grads)
+    grouped_matmul(x[:70], w, plan_dispatch(torch.randint(0, 6, (35, 2), generator=gen), 6), b)  # same bucket
+    assert sorted(timings) == ["grouped", "loop"]  # timed once
+    assert dispatch.auto_choices() == {("cpu", torch.float32, 128, 6, 16, 8): faster}
+    for name in ("grouped_mm", "loop"):
+        for got, ref in zip(results["auto"], results[name], strict=True):
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
