@@ -173,7 +173,8 @@ def class_bars(probs: np.ndarray, size: int = 64, top_k: int = 5) -> np.ndarray:
     img = np.full((size, size, 3), 255, dtype=np.uint8)
     bar_h = size // max(top_k, 1)
     for row, cls in enumerate(top):
-        length = int(round(float(np.clip(probs[cls], 0.0, 1.0)) * size))
+        prob = float(np.clip(probs[cls], 0.0, 1.0))
+        length = max(int(round(prob * size)), 1 if prob > 0 else 0)  # a diffuse 1000-way guess still shows
         color = _PALETTE[(int(cls) % 255) + 1]
         img[row * bar_h + 1:(row + 1) * bar_h - 1, :length] = color
     return img

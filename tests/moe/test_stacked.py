@@ -87,3 +87,17 @@ def test_stacked_rule_per_kind():
     assert MoEAttention(DIM, HEAD_DIM, 6, 4, 1).dispatch_path() == "stacked"
     assert MoEMlp(DIM, HIDDEN, 6, 4, 1).dispatch_path() == "sorted"
     assert MoEAttention(DIM, HEAD_DIM, 7, 4, 1).dispatch_path() == "sorted"
+
+
+@pytest.mark.parametrize("cls", [MoEMlp, MoEAttention], ids=["mlp", "moa"])
+def test_stacked_compiles_without_graph_breaks(cls):
+    x, task_ids, gen = _inputs(5)
+    layer = _layer(cls, "per_task", {}, gen).float()
+    x = x.float().requires_grad_()
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    got = compiled(x, task_ids)
+    (grad_got,) = torch.autograd.grad(got.square().sum(), x)
+    ref = layer(x, task_ids)
+    (grad_ref,) = torch.autograd.grad(ref.square().sum(), x)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad_got, grad_ref, rtol=1e-5, atol=1e-6)
