@@ -72,8 +72,8 @@ DEFINITIONS = {
                         "of a usage-based extraction holds only where coverage is 1)",
     "dispatch_paths": "how each MoE layer of the extracted model runs: sorted (tokens sorted by expert, grouped "
                       "matmuls), stacked (every kept expert in one concatenated matmul, gates on the hidden "
-                      "chunks; when experts <= 1.25 x top-k for MLPs, 1.5 x for attention) or folded (fixed "
-                      "routing, a dense layer)",
+                      "chunks; MLPs when experts == top-k, attention when experts <= 1.25 x top-k) or folded "
+                      "(fixed routing, one plain layer)",
     "dense_timm": "baseline: a single-task dense timm VisionTransformer of the checkpoint's shape (patch size, "
                   "width, depth, heads, MLP ratio; no MoE, no task embedding) plus the task's head, random "
                   "weights (cost only, no metrics); ratios extracted_vs_dense and full_vs_dense divide by it",

@@ -344,6 +344,8 @@ class PerTaskRouter(Router):
         return all_logits.gather(1, task_ids.reshape(-1, 1, 1).expand(-1, 1, num_experts)).squeeze(1)
 
     def gate_logits(self, x: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
+        if self.num_tasks == 1 and self.noise_weight is None:  # an extracted task: every token has task 0
+            return x @ self.weight[0].t()
         logits = self._per_task_linear(x, self.weight, task_ids)
         if self.noise_weight is not None and self.training:
             logits = _float_logits(logits)

@@ -19,6 +19,14 @@ def count_selections(indices: torch.Tensor, task_ids: torch.Tensor, num_tasks: i
     return counts.scatter_add_(0, flat, torch.ones_like(flat)).view(num_tasks, num_experts)
 
 
+def add_selections_(usage: torch.Tensor, indices: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
+    """usage: int64 [num_tasks, E] += count_selections(indices, task_ids, ...), in place: one scatter_add into
+    the counts, without the temporary [num_tasks, E] tensor (it runs in every MoE layer's forward)."""
+    flat = (task_ids.reshape(-1, 1) * usage.shape[1] + indices).reshape(-1)
+    usage.view(-1).scatter_add_(0, flat, torch.ones_like(flat))
+    return usage
+
+
 def usage_share(counts: torch.Tensor) -> torch.Tensor:
     """counts: [..., E] -> float64 shares along the last dim, each row sums to 1 (all-zero rows stay 0)."""
     counts = torch.as_tensor(counts).to(torch.float64)

@@ -8,6 +8,7 @@ from modsquad.moe import (
     experts_over_threshold,
     usage_share,
 )
+from modsquad.moe.usage import add_selections_
 
 
 def test_count_selections_hand_count():
@@ -66,3 +67,12 @@ def test_mass_float_rounding_and_validation():
     assert experts_for_mass_count([7, 3], 0.7) == 1
     with pytest.raises(ValueError, match="mass"):
         experts_for_mass_count(counts, 1.5)
+
+
+def test_add_selections_in_place_equals_count_selections():
+    gen = torch.Generator().manual_seed(0)
+    indices, task_ids = torch.randint(0, 5, (30, 2), generator=gen), torch.randint(0, 3, (30,), generator=gen)
+    usage = torch.full((3, 5), 7, dtype=torch.long)
+    out = add_selections_(usage, indices, task_ids)
+    assert out is usage
+    assert torch.equal(usage, 7 + count_selections(indices, task_ids, 3, 5))
