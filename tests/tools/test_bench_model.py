@@ -1,17 +1,5 @@
-import json
-import subprocess
-import sys
-from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def test_bench_model_quick_writes_every_row(tmp_path):
-    out = tmp_path / "model.json"
-    proc = subprocess.run([sys.executable, str(REPO / "tools" / "bench_model.py"), "--quick", "--out", str(out)],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    result = json.loads(out.read_text())
+def test_bench_model_quick_writes_every_row(run_tool):
+    result, stdout = run_tool("bench_model.py", "--quick")
     rows = {r["row"]: r for r in result["rows"]}
     assert {"layer_fwd_bwd_vs_dense:loop", "train_throughput_vs_dense", "infer_throughput_vs_dense",
             "latency_full_vs_dense", "latency_extracted_vs_full", "latency_extracted_vs_dense",
@@ -23,4 +11,4 @@ def test_bench_model_quick_writes_every_row(tmp_path):
     kept, experts = result["model"]["kept_experts"], result["model"]["experts"]
     assert all(kept[n] < experts[n] for n in experts)
     assert result["device_name"] and result["device"] == "cpu"
-    assert "latency_extracted_vs_full" in proc.stdout
+    assert "latency_extracted_vs_full" in stdout
