@@ -117,3 +117,21 @@ def test_bad_arguments(pascal_tree, tmp_path):
         PascalContextDataset(root, split="test")
     with pytest.raises(DataError, match="not found"):
         build_dataset("pascal_context", tmp_path, ["semseg"], "train", 32, False)
+
+
+@pytest.mark.parametrize("value,expected", [("benchmark", "benchmark"), ("all", None)])
+def test_config_key_reaches_the_dataset(pascal_tree, value, expected):
+    """`data.normals_valid_classes` in a run config decides the dataset's normals mask (data.from_config)."""
+    from modsquad.config import config_from_dict
+    from modsquad.data.from_config import build_split
+
+    cfg = config_from_dict({"model": {"name": "modsquad_vit_tiny", "tasks": ["normals"], "img_size": 32},
+                            "data": {"format": "pascal_context", "root": str(pascal_tree[0]),
+                                     "normals_valid_classes": value},
+                            "train": {"steps": 1, "device": "cpu"}})
+    data = build_split(cfg, "val", train=False)
+    got = data.normals_valid_classes
+    if expected is None:
+        assert got is None
+    else:
+        assert np.array_equal(got, benchmark_normals_classes())
