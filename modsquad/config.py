@@ -92,7 +92,7 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 10  # steps
     eval_every: int = 0  # steps between evaluations; 0 = after every epoch
-    weighting: str = "equal"  # equal | uncertainty | dwa (engine/weighting.py)
+    weighting: str = "equal"  # equal | uncertainty | uncertainty_official | dwa (tasks/weighting.py)
     weighting_kwargs: dict[str, Any] = field(default_factory=dict)
     task_losses: dict[str, str] = field(default_factory=dict)  # task -> loss name replacing the task's default
     loss_clamp: float | None = None  # clamp the total loss to +-this (official Mod-Squad: 1000); null = off
