@@ -19,7 +19,8 @@ try:  # typer >= 0.2x carries its own copy of click; its usage errors are that c
 except ImportError:  # pragma: no cover - typer on the public click
     from click.exceptions import NoArgsIsHelpError, UsageError
 
-from .core.errors import ConfigError, OutputPathError, UserError
+from .core.atomic import check_dir_path
+from .core.errors import ConfigError, UserError
 from .core.version import __version__
 
 console = Console()
@@ -85,12 +86,7 @@ def user_errors(fn):
 
 def _out_dir(path: Path | None, option: str = "--out") -> Path | None:
     """OutputPathError before any work when an output folder is an existing file (or lies under one)."""
-    if path is None:
-        return None
-    for p in (path, *path.parents):
-        if p.exists() and not p.is_dir():
-            raise OutputPathError(f"{option} {path}: {p} is an existing file, not a folder; choose another path")
-    return path
+    return None if path is None else check_dir_path(path, option)
 
 
 def _under_run(checkpoint: Path, name: str) -> Path:

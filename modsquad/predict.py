@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import load_model
-from .core.atomic import atomic_write, ensure_dir
+from .core.atomic import atomic_write, check_dir_path, ensure_dir
 from .core.devices import resolve_device
 from .core.errors import DataError, OutputPathError, UnknownNameError
 from .data.io import read_image
@@ -150,15 +150,6 @@ def expand_inputs(paths: Sequence[str | os.PathLike]) -> tuple[list[Path], dict[
             skipped[str(p)] = "not found"
     unique = {f.resolve(): f for f in reversed(files)}
     return [f for f in files if unique.get(f.resolve()) is f], skipped
-
-
-def image_files(paths: Sequence[str | os.PathLike]) -> list[Path]:
-    """The image files of `paths` (see `expand_inputs`); DataError naming the first input that gave none."""
-    files, skipped = expand_inputs(paths)
-    if skipped:
-        where, why = next(iter(skipped.items()))
-        raise DataError(f"{where}: {why}")
-    return files
 
 
 def to_unit_rgb(image: np.ndarray, name: str = "image") -> np.ndarray:
@@ -343,8 +334,8 @@ def predict_images(model_path: str | os.PathLike, images: Sequence[str | os.Path
         raise DataError("no images given")
     if batch_size < 1:
         raise DataError(f"batch_size must be at least 1, got {batch_size}")
-    if out is not None and Path(out).exists() and not Path(out).is_dir():
-        raise OutputPathError(f"--out {out} is an existing file, not a folder")
+    if out is not None:
+        check_dir_path(out, "--out")
     predict, specs, model_input, dev = load_predictor(model_path, tasks, device, compile=compile)
     files, skipped = expand_inputs(images)
     targets = output_paths(files, specs, out, raw=raw)

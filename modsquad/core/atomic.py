@@ -23,12 +23,18 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
-def ensure_dir(path: str | os.PathLike, what: str = "output folder") -> Path:
-    """Create folder `path` (and parents); OutputPathError naming it when a file stands in the way."""
+def check_dir_path(path: str | os.PathLike, what: str = "output folder") -> Path:
+    """`path` as a Path; OutputPathError naming it when it or a folder above it is an existing file."""
     path = Path(path)
     for p in (path, *path.parents):
         if p.exists() and not p.is_dir():
             raise OutputPathError(f"{what} {path}: {p} is an existing file, not a folder; choose another path")
+    return path
+
+
+def ensure_dir(path: str | os.PathLike, what: str = "output folder") -> Path:
+    """Create folder `path` (and parents); OutputPathError naming it when a file stands in the way."""
+    path = check_dir_path(path, what)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -128,5 +134,5 @@ def link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
         fsync_file(dst)
 
 
-__all__ = ["OutputPathError", "atomic_path", "atomic_write", "ensure_dir", "fsync_dir", "fsync_file",
-           "link_or_copy", "publish", "staging_dir"]
+__all__ = ["OutputPathError", "atomic_path", "atomic_write", "check_dir_path", "ensure_dir", "fsync_dir",
+           "fsync_file", "link_or_copy", "publish", "staging_dir"]

@@ -18,15 +18,14 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 from copy import deepcopy
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..checkpoint import load_model, resolve_checkpoint
-from ..core.atomic import publish, staging_dir
+from ..core.atomic import check_dir_path, publish, staging_dir
 from ..core.devices import resolve_device
-from ..core.errors import CheckpointError, ConfigError, DataError, OutputPathError, UnknownNameError
+from ..core.errors import CheckpointError, ConfigError, DataError, UnknownNameError
 from ..core.hashing import file_sha256
 from ..core.version import __version__
 from ..data.from_config import random_images
@@ -218,9 +217,7 @@ def write_extracted(checkpoint: str | os.PathLike, out: str | os.PathLike, *, ta
                         ("max_images", max_images), ("batch_size", batch_size)):
         if value is not None and value < 1:
             raise ConfigError(f"extract: {name} must be at least 1, got {value}")
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise OutputPathError(f"--out {out} is an existing file, not a folder; choose another path")
+    out = check_dir_path(out, "--out")
     path = resolve_checkpoint(checkpoint)
     model = load_model(path).to(resolve_device(device))
     tasks = list(dict.fromkeys(tasks)) if tasks else list(model.tasks)

@@ -31,6 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..core.atomic import atomic_write, ensure_dir
 from ..core.errors import CheckpointError, UserError
 from ..core.hashing import file_sha256, json_sha256
 from ..core.version import __version__
@@ -173,18 +174,17 @@ def model_io(extracted: ExtractedModel) -> dict:
 def save_extracted(extracted: ExtractedModel, out_dir: str | os.PathLike, info: Mapping) -> Path:
     """Write `model.safetensors` and `config.json` (info + task, architecture, preprocessing, output meaning and
     weights hash) into `out_dir`; `extracted.info` becomes that config.json."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = ensure_dir(out_dir)
     weights = out_dir / WEIGHTS_NAME
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in extracted.model.state_dict().items()}
     config = json.loads(json.dumps({"format": EXTRACTED_FORMAT, "version": __version__, "task": extracted.task,
                                     "task_spec": task_spec_dict(extracted.spec), **info,
                                     **model_io(extracted)}))  # as it reads back
     # the weights carry the config's hash and the config the weights' hash: editing either file is caught
-    save_file(state, str(weights), metadata={"format": EXTRACTED_FORMAT, "task": extracted.task,
-                                             "config_sha256": config_sha256(config)})
+    metadata = {"format": EXTRACTED_FORMAT, "task": extracted.task, "config_sha256": config_sha256(config)}
+    atomic_write(weights, lambda p: save_file(state, str(p), metadata=metadata))
     config["weights_sha256"] = file_sha256(weights)
-    (out_dir / CONFIG_NAME).write_text(json.dumps(config, indent=1))
+    atomic_write(out_dir / CONFIG_NAME, lambda p: p.write_text(json.dumps(config, indent=1)))
     extracted.info = config
     return out_dir
 

@@ -117,11 +117,6 @@ def _config_for(model: nn.Module, task: str, sliced: Mapping[str, MoELayer]) -> 
     return config
 
 
-def task_config(model: nn.Module, task: str, kept: Mapping[str, Sequence[int]]) -> dict:
-    """`model.config` for the single-task model that keeps `kept[layer]` experts in each MoE layer."""
-    return _config_for(model, task, _sliced_layers(model, model.task_index(task), kept))
-
-
 def extract_task_model(model: nn.Module, task: str, kept: Mapping[str, Sequence[int]]) -> nn.Module:
     """A `MultiTaskViT` for `task` alone with the experts `kept[layer]` (sorted ids) of every MoE layer.
 
