@@ -96,12 +96,10 @@ class MoEAttention(MoELayer):
         """x: [B, N, D]; task_ids: [B] per sample (or [B, N] per token, or an int) -> [B, N, D]."""
         if x.dim() != 3:
             raise ValueError(f"MoEAttention expects x of shape [B, N, D], got {tuple(x.shape)}")
-        path = self.dispatch_path()
-        self.last_path = path
-        if path == "stacked":
-            return self.forward_stacked(x, task_ids)
-        if path == "all_experts":
-            return self.forward_all_experts(x, task_ids)
+        return super().forward(x, task_ids)
+
+    def forward_sorted(self, x: torch.Tensor, task_ids: torch.Tensor | int) -> torch.Tensor:
+        """Each token's top-k experts as its k query heads over the shared keys/values. x: [B, N, D]."""
         B, N, D = x.shape
         k, hd = self.top_k, self.head_dim
         xt = x.reshape(B * N, D)

@@ -106,6 +106,25 @@ class MoELayer(Rebuildable):
         limit = STACKED_MAX_RATIO.get(self.kind, 1.0) * self.top_k
         return "stacked" if self.num_experts <= limit else "sorted"
 
+    def forward(self, x: torch.Tensor, task_ids: torch.Tensor | int) -> torch.Tensor:
+        """Run the layer on the path `dispatch_path()` picks (recorded in `last_path`); the paths agree to float
+        rounding. x: [..., D] tokens, task_ids as `token_task_ids` accepts -> same shape as x."""
+        path = self.dispatch_path()
+        self.last_path = path
+        if path == "stacked":
+            return self.forward_stacked(x, task_ids)
+        if path == "all_experts":
+            return self.forward_all_experts(x, task_ids)
+        return self.forward_sorted(x, task_ids)
+
+    def forward_sorted(self, x: torch.Tensor, task_ids: torch.Tensor | int) -> torch.Tensor:
+        """The general path: tokens sorted by expert, grouped matmuls, scattered back."""
+        raise NotImplementedError(f"{type(self).__name__} must implement forward_sorted()")
+
+    def forward_all_experts(self, x: torch.Tensor, task_ids: torch.Tensor | int) -> torch.Tensor:
+        """Every expert on every token, weighted by the dense gates: static shapes (export)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement forward_all_experts()")
+
     def forward_stacked(self, x: torch.Tensor, task_ids: torch.Tensor | int) -> torch.Tensor:
         """Same result as `forward` (to float rounding): every expert on every token as one matmul over the
         concatenated experts, weighted by the dense gates. Defaults to `forward_all_experts`."""

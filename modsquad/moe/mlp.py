@@ -47,14 +47,8 @@ class MoEMlp(MoELayer):
         self.fc2 = GroupedLinear(self.num_experts, self.expert_hidden, dim)
         self.drop2 = nn.Dropout(drop)
 
-    def forward(self, x: torch.Tensor, task_ids: torch.Tensor | int) -> torch.Tensor:
+    def forward_sorted(self, x: torch.Tensor, task_ids: torch.Tensor | int) -> torch.Tensor:
         """x: [B, N, D] or [T, D]; task_ids: [B] per sample (or per token, or an int) -> same shape as x."""
-        path = self.dispatch_path()
-        self.last_path = path
-        if path == "stacked":
-            return self.forward_stacked(x, task_ids)
-        if path == "all_experts":
-            return self.forward_all_experts(x, task_ids)
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         routing = self.route(x, token_task_ids(task_ids, shape[:-1], x.device))
