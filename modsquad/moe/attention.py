@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .dispatch import combine, gather_tokens, grouped_matmul, plan_dispatch, sort_rows, unsort_rows
+from .dispatch import gather_tokens, grouped_matmul, plan_dispatch, sort_rows, sum_by_token, unsort_rows
 from .experts import stacked_columns
 from .layer import MoELayer
 from .routers import token_task_ids
@@ -111,10 +111,10 @@ class MoEAttention(MoELayer):
         key, value = self.kv(x).view(B, 1, N, 2, hd).unbind(3)  # [B, 1, N, hd] each, shared by the k heads
         o = F.scaled_dot_product_attention(q, key, value, dropout_p=self.attn_drop if self.training else 0.,
                                            enable_gqa=True)
-        o = o.transpose(1, 2).reshape(B * N * k, hd)  # (token, slot) order
+        # (token, slot) order, each head output scaled by its gate weight here, on hd columns rather than D
+        o = o.transpose(1, 2).reshape(B * N * k, hd) * routing.weights.reshape(-1, 1).to(o.dtype)
 
-        y = grouped_matmul(sort_rows(o, plan), self.o_weight, plan)  # [S, D]
-        out = combine(y, routing.weights, plan)
+        out = sum_by_token(grouped_matmul(sort_rows(o, plan), self.o_weight, plan), plan)  # [T, D]
         if self.o_bias is not None:
             out = out + self.o_bias.to(out.dtype)  # keeps autocast's bf16 (a Linear's bias would too)
         return self.proj_drop(out).view(B, N, D)

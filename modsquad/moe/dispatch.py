@@ -3,7 +3,8 @@
 T tokens with top-k routing make S = T * k (token, slot) assignments. `plan_dispatch` sorts them by expert
 (stable, so rows of one expert keep token order), after which every expert's rows are one contiguous slice
 and all experts run as one grouped matmul (`grouped_matmul`). `combine` puts the rows back in (token, slot)
-order and sums the k slots of each token with the gate weights.
+order and sums the k slots of each token with the gate weights; `sum_by_token` sums rows already scaled by their
+gate weights (`sorted_weights`) without un-sorting them first.
 
 `grouped_matmul` uses `torch.nn.functional.grouped_mm` where this build runs it, forward and backward, for
 the device and dtype at hand (probed once per (device type, dtype) and cached), else one matmul per
@@ -28,6 +29,8 @@ import torch
 import torch.nn.functional as F
 
 GROUPED_MM_ENV = "MODSQUAD_GROUPED_MM"
+#: device types whose index_add is deterministic (serial), so `sum_by_token` may scatter-add rows there
+INDEX_ADD_DEVICES = {"cpu"}
 
 _GROUPED_MM_SUPPORT: dict[tuple[str, torch.dtype], bool] = {}
 # MODSQUAD_GROUPED_MM=auto: (device type, dtype, rows bucket, experts, Din, Dout) -> use grouped_mm?
@@ -166,6 +169,23 @@ def combine(y_sorted: torch.Tensor, weights: torch.Tensor, plan: DispatchPlan) -
     return torch.bmm(weights.to(y.dtype).unsqueeze(1), y).squeeze(1)  # one pass over y, unlike (y * w).sum(1)
 
 
+def sorted_weights(weights: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    """weights: [T, k] gate weight of each (token, slot) -> [S], the gate weight of each sorted row."""
+    return weights.reshape(-1).index_select(0, plan.order)
+
+
+def sum_by_token(y_sorted: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    """y_sorted: [S, D] sorted by expert, already scaled by the gate weights -> [T, D], the sum of each token's k
+    rows: `combine` for rows whose weights were applied earlier on a narrower tensor (the hidden units or head
+    outputs), which saves the unsort pass over [S, D]. On CPUs one index_add (serial, so deterministic, and 2.2x
+    faster than `combine` at S 18912, D 384, 1 thread); elsewhere un-sort and sum (GPU index_add uses atomics,
+    whose order, hence rounding, changes between runs)."""
+    if y_sorted.device.type in INDEX_ADD_DEVICES:
+        out = y_sorted.new_zeros(plan.num_tokens, y_sorted.shape[-1])
+        return out.index_add(0, plan.token_index, y_sorted)
+    return unsort_rows(y_sorted, plan).view(plan.num_tokens, plan.top_k, -1).sum(dim=1)
+
+
 class _AddExpertBias(torch.autograd.Function):
     """out + bias[expert of each row], in place on `out` (one gathered add); the backward sums each expert's rows
     with one matmul against the one-hot experts (autograd's default for a gather, an index_add, is serial on CPUs).
@@ -183,6 +203,46 @@ class _AddExpertBias(torch.autograd.Function):
         (one_hot,) = ctx.saved_tensors
         grad_bias = one_hot.t() @ grad if ctx.needs_input_grad[1] else None
         return grad, grad_bias, None, None
+
+
+class _AddExpertBiasSlices(torch.autograd.Function):
+    """out + bias[expert of each row], in place on `out`, as one add per expert over its contiguous slice (no
+    gathered [S, Dout] bias copy); the backward sums each expert's slice of the gradient. Needs the split sizes on
+    the host (free on CPUs; a device sync elsewhere, where `_AddExpertBias` is used instead)."""
+
+    @staticmethod
+    def forward(ctx, out, bias, splits):
+        ctx.splits = splits
+        _add_slices_(out, bias, splits)
+        ctx.mark_dirty(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad_bias = None
+        if ctx.needs_input_grad[1]:
+            grad_bias = torch.stack([rows.sum(0) for rows in grad.split(ctx.splits)])
+        return grad, grad_bias, None
+
+
+def _add_expert_bias(out: torch.Tensor, bias: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    """out [S, Dout] sorted by expert + bias [E, Dout] of each row's expert (in place on `out` when no gradient is
+    recorded). On CPUs one add per expert slice (E small adds cost less than writing and reading a gathered
+    [S, Dout] bias: measured 3.2 vs 6.1 ms at S 12608, Dout 384, E 16, 1 thread); elsewhere one gathered add,
+    which needs no host sync for the split sizes."""
+    grad = _needs_grad(out) or _needs_grad(bias)
+    if out.device.type == "cpu":
+        return _AddExpertBiasSlices.apply(out, bias, plan.splits) if grad else _add_slices_(out, bias, plan.splits)
+    if grad:
+        return _AddExpertBias.apply(out, bias, plan.expert_one_hot(out.dtype), plan.expert_index)
+    return out.add_(bias.index_select(0, plan.expert_index))
+
+
+def _add_slices_(out: torch.Tensor, bias: torch.Tensor, splits: list[int]) -> torch.Tensor:
+    for rows, b in zip(out.split(splits), bias.unbind(0), strict=True):
+        if rows.shape[0]:
+            rows.add_(b)
+    return out
 
 
 class _ContiguousGrad(torch.autograd.Function):
@@ -391,12 +451,7 @@ def grouped_matmul(x_sorted: torch.Tensor, weight: torch.Tensor, plan: DispatchP
     else:
         out = _loop_matmul(x_sorted, weight, plan.splits)
     if bias is not None:
-        # gathered bias rows (one index_select + one add): cheaper than E in-place slice adds at small sizes and
-        # no slower at large ones; the same sums either way
-        if _needs_grad(out) or _needs_grad(bias):
-            out = _AddExpertBias.apply(out, bias, plan.expert_one_hot(out.dtype), plan.expert_index)
-        else:
-            out.add_(bias.index_select(0, plan.expert_index))
+        out = _add_expert_bias(out, bias, plan)
     if grouped and out.requires_grad:
         out = _ContiguousGrad.apply(out)
     return out

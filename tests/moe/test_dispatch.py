@@ -10,6 +10,8 @@ from modsquad.moe.dispatch import (
     grouped_mm_supported,
     plan_dispatch,
     sort_rows,
+    sorted_weights,
+    sum_by_token,
     unsort_rows,
 )
 
@@ -54,6 +56,24 @@ def test_combine_weighted_sum_of_slots():
     weights = torch.rand(4, 2, dtype=torch.float64)
     expected = weights[:, :1] * y_flat[0::2] + weights[:, 1:] * y_flat[1::2]
     torch.testing.assert_close(combine(sort_rows(y_flat, plan), weights, plan), expected)
+
+
+@pytest.mark.parametrize("index_add", [True, False])
+def test_sum_by_token_equals_combine_and_its_gradient(index_add, monkeypatch):
+    """Rows scaled by `sorted_weights` and summed by `sum_by_token` (index_add on CPUs, un-sort + sum elsewhere)
+    give `combine`'s weighted sums, with the same gradients."""
+    if not index_add:
+        monkeypatch.setattr(dispatch, "INDEX_ADD_DEVICES", set())
+    gen = torch.Generator().manual_seed(3)
+    plan = plan_dispatch(INDICES, num_experts=4)
+    y = torch.randn(8, 3, dtype=torch.float64, generator=gen, requires_grad=True)  # sorted by expert
+    weights = torch.rand(4, 2, dtype=torch.float64, generator=gen, requires_grad=True)
+    got = sum_by_token(y * sorted_weights(weights, plan).unsqueeze(1), plan)
+    ref = combine(y, weights, plan)
+    torch.testing.assert_close(got, ref)
+    g = torch.randn(4, 3, dtype=torch.float64, generator=gen)
+    for a, r in zip(torch.autograd.grad(got, (y, weights), g), torch.autograd.grad(ref, (y, weights), g), strict=True):
+        torch.testing.assert_close(a, r)
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -130,13 +150,19 @@ def test_grouped_mm_selection(env, dims, expected_calls, monkeypatch):
     assert len(calls) == expected_calls
 
 
-def test_expert_bias_add_and_its_gradient():
-    """_AddExpertBias (gathered bias rows, one-hot matmul backward) equals out + bias[expert] and its autograd."""
+@pytest.mark.parametrize("kind", ["gathered", "slices"])
+def test_expert_bias_add_and_its_gradient(kind):
+    """_AddExpertBias (gathered bias rows, one-hot matmul backward; GPUs) and _AddExpertBiasSlices (one add per
+    expert slice, slice sums backward; CPUs) equal out + bias[expert] and its autograd, experts without rows too."""
     gen = torch.Generator().manual_seed(2)
     plan = plan_dispatch(INDICES, num_experts=5)
+    assert 0 in plan.splits  # an expert without rows
     out = torch.randn(8, 4, dtype=torch.float64, generator=gen, requires_grad=True)
     bias = torch.randn(5, 4, dtype=torch.float64, generator=gen, requires_grad=True)
-    y = dispatch._AddExpertBias.apply(out.clone(), bias, plan.expert_one_hot(torch.float64), plan.expert_index)
+    if kind == "gathered":
+        y = dispatch._AddExpertBias.apply(out.clone(), bias, plan.expert_one_hot(torch.float64), plan.expert_index)
+    else:
+        y = dispatch._AddExpertBiasSlices.apply(out.clone(), bias, plan.splits)
     ref = out + bias[plan.expert_index]
     torch.testing.assert_close(y, ref)
     g = torch.randn(8, 4, dtype=torch.float64, generator=gen)
