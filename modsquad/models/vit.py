@@ -510,7 +510,9 @@ class MultiTaskViT(nn.Module):
             task_tokens = self.task_embed[task_ids].unsqueeze(1).to(x.dtype)  # [T*B, 1, D]
             if self.task_embed_mode == "input":
                 x, task_tokens = x + task_tokens, None
-        x = self._run_blocks(x, task_ids, task_tokens)
+        # one task: its id as a 0-dim tensor, which the MoE layers expand without copying, so that routers compute
+        # only that task's gate (`moe.routers.shared_task`)
+        x = self._run_blocks(x, ids[0] if len(ids) == 1 else task_ids, task_tokens)
         return self._head_tokens(x.view(len(ids), b, n, d), tasks), grid
 
     def forward(self, images: torch.Tensor, tasks: list[str] | None = None) -> dict[str, torch.Tensor]:

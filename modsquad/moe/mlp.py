@@ -6,7 +6,7 @@ import torch
 from timm.layers import Mlp
 from torch import nn
 
-from .dispatch import gather_tokens, grouped_matmul, plan_dispatch, sorted_weights, sum_by_token
+from .dispatch import combine, gather_tokens, plan_dispatch
 from .experts import GroupedLinear, stacked_columns
 from .layer import MoELayer
 from .routers import token_task_ids
@@ -54,13 +54,9 @@ class MoEMlp(MoELayer):
         routing = self.route(x, token_task_ids(task_ids, shape[:-1], x.device))
         plan = plan_dispatch(routing.indices, self.num_experts)
         h = self.fc1(gather_tokens(x, plan), plan)
-        # the gate weights scale the hidden rows (w * fc2(h) = fc2(w * h) - w * b2), so that the k outputs of a
-        # token are summed without un-sorting them; the fc2 biases come in as gates @ b2
-        h = self.drop1(self.act(h)) * sorted_weights(routing.weights, plan).to(h.dtype).unsqueeze(1)
-        y = sum_by_token(grouped_matmul(h, self.fc2.weight, plan), plan)
-        if self.fc2.bias is not None:
-            y = y + self.dense_gates(routing, y.dtype) @ self.fc2.bias.to(y.dtype)
-        return self.drop2(y).view(shape)
+        h = self.drop1(self.act(h))
+        h = self.fc2(h, plan)
+        return self.drop2(combine(h, routing.weights, plan)).view(shape)
 
     def forward_all_experts(self, x: torch.Tensor, task_ids: torch.Tensor | int) -> torch.Tensor:
         """Same result as `forward` with static shapes: all E experts on all tokens, weighted by the gates."""

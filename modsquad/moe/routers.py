@@ -77,6 +77,14 @@ def token_task_ids(task_ids: torch.Tensor | int, leading_shape: torch.Size | tup
     raise ValueError(f"task_ids of shape {tuple(task_ids.shape)} do not match tokens of shape {tuple(leading_shape)}")
 
 
+def shared_task(task_ids: torch.Tensor) -> torch.Tensor | None:
+    """[1] long task id when every token has the same one because `token_task_ids` expanded a single id (a
+    stride-0 view; no values are read, so no host sync), else None. Routers then compute only that task's gate."""
+    if is_exporting() or task_ids.dim() != 1 or task_ids.stride(0) != 0 or task_ids.shape[0] == 0:
+        return None  # exporters trace the general path, which any task ids take
+    return task_ids[:1]
+
+
 def is_exporting() -> bool:
     """True while tracing or exporting (torch.jit.trace, torch.onnx.export, torch.export): MoE layers then take
     their static-shape path (every expert on every token) and skip side effects such as usage counting."""
@@ -335,17 +343,20 @@ class PerTaskRouter(Router):
     def label(cls, router_kwargs: dict | None = None) -> str:
         return cls.kind + ("/noisy" if (router_kwargs or {}).get("noisy") else "")
 
-    @staticmethod
-    def _per_task_linear(x: torch.Tensor, weight: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
-        # All tasks' gates in one matmul, then pick each token's task: [T, n_tasks * E] is tiny next to the
-        # experts, and this needs no host sync and no per-task loop.
+    def _per_task_linear(self, x: torch.Tensor, weight: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
+        # One task for every token (one-task inference, an extracted model): only that task's gate.
+        # Otherwise all tasks' gates in one matmul, then pick each token's task: [T, n_tasks * E] is small next to
+        # the experts, and this needs no host sync and no per-task loop.
+        if self.num_tasks == 1:
+            return x @ weight[0].t()
+        task = shared_task(task_ids)
+        if task is not None:
+            return x @ weight.index_select(0, task)[0].t()
         num_tasks, num_experts, dim = weight.shape
         all_logits = (x @ weight.reshape(num_tasks * num_experts, dim).t()).view(-1, num_tasks, num_experts)
         return all_logits.gather(1, task_ids.reshape(-1, 1, 1).expand(-1, 1, num_experts)).squeeze(1)
 
     def gate_logits(self, x: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
-        if self.num_tasks == 1 and self.noise_weight is None:  # an extracted task: every token has task 0
-            return x @ self.weight[0].t()
         logits = self._per_task_linear(x, self.weight, task_ids)
         if self.noise_weight is not None and self.training:
             logits = _float_logits(logits)

@@ -13,6 +13,7 @@ from modsquad.moe import (
     build_router,
     token_task_ids,
 )
+from modsquad.moe.routers import shared_task
 
 DIM, EXPERTS, TOP_K, TASKS = 8, 6, 2, 3
 
@@ -119,6 +120,25 @@ def test_per_task_router_uses_its_tasks_gate_only():
     keep = task_ids != 1
     assert torch.equal(after.indices[keep], before.indices[keep])
     assert torch.equal(after.weights[keep], before.weights[keep])
+
+
+@pytest.mark.parametrize("noisy", [False, True])
+def test_per_task_router_one_shared_task_computes_its_gate_only(noisy, monkeypatch):
+    """A single task id expanded to every token (`token_task_ids` of an int or 0-dim id: a stride-0 view) routes
+    as the same id written out per token, from that task's gate rows alone (no all-task matmul)."""
+    router = _randomize(PerTaskRouter(DIM, EXPERTS, TOP_K, TASKS, noisy=noisy)).eval()
+    x, _ = _tokens()
+    shared = token_task_ids(torch.tensor(2), (4, 5))
+    assert shared.stride() == (0,) and shared_task(shared).tolist() == [2]
+    written = torch.full((20,), 2)
+    assert shared_task(written) is None and shared_task(torch.zeros(0, dtype=torch.long)) is None
+    ref = router(x, written)
+    widths = []
+    monkeypatch.setattr(torch.Tensor, "__matmul__", lambda a, b: widths.append(b.shape[-1]) or torch.matmul(a, b))
+    got = router(x, shared)
+    assert widths == [EXPERTS]  # one task's E gate columns, not TASKS * E
+    torch.testing.assert_close(got.logits, ref.logits)
+    assert torch.equal(got.indices, ref.indices)
 
 
 def test_noisy_gating_only_in_training():
