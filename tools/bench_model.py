@@ -9,7 +9,11 @@ Rows (issue 14's table), each measured with its competitors interleaved (round-r
   * batch-1 latency: the full model run for one task vs dense; the extracted task model (half of every MoE
     layer's experts kept, the task's most used ones) vs the full model and vs dense;
   * torch.compile: `torch.compile(model, fullgraph=True)` for one task, its max |diff| to eager and its batch-1
-    latency (timed with the others).
+    latency (timed with the others);
+  * per active FLOP (no goals): the training, inference and batch-1 rows scaled by the full model's active-FLOP
+    ratio to dense (the official ViT-S layout has about 1.26x), i.e. how much the MoE machinery itself costs.
+`--model-kwargs KEY=VALUE ...` passes preset overrides (e.g. `dense_attn_head_dim=null` for timm-width heads in the
+dense blocks) to compare layouts.
 Routers get random gates so that tokens spread over the experts as in a trained model. Dense is timm's
 VisionTransformer of the preset's width, depth, heads and MLP ratio with a copy of the task's head
 (`modsquad.bench.dense_timm_baseline`). On CUDA the models run under bf16 autocast (layers in bf16).

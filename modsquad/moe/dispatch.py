@@ -179,10 +179,11 @@ def sum_by_token(y_sorted: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
     """y_sorted: [S, D] sorted by expert, already scaled by the gate weights -> [T, D], the sum of each token's k
     rows: `combine` for rows whose weights were applied earlier on a narrower tensor (MoA's head outputs, hd < D),
     which saves the unsort pass over [S, D]. On CPUs one index_add (serial, so deterministic, and 2.2x faster than
-    `combine` at S 18912, D 384, 1 thread); elsewhere un-sort and sum (GPU index_add uses atomics, whose order,
-    hence rounding, changes between runs). For the MoE MLP, whose expert hidden width is >= D, scaling the hidden
-    rows instead measured slower in training (k 2, hidden 768: 1.42x vs 1.32x dense), so it keeps `combine`."""
-    if y_sorted.device.type in INDEX_ADD_DEVICES:
+    `combine` at S 18912, D 384, 1 thread); elsewhere, and under torch.compile (whose scatter kernels may add in
+    parallel), un-sort and sum: GPU index_add uses atomics, whose order, hence rounding, changes between runs.
+    For the MoE MLP, whose expert hidden width is >= D, scaling the hidden rows instead measured slower in
+    training (k 2, hidden 768: 1.42x vs 1.32x dense), so it keeps `combine`."""
+    if y_sorted.device.type in INDEX_ADD_DEVICES and not torch.compiler.is_compiling():
         out = y_sorted.new_zeros(plan.num_tokens, y_sorted.shape[-1])
         return out.index_add(0, plan.token_index, y_sorted)
     return unsort_rows(y_sorted, plan).view(plan.num_tokens, plan.top_k, -1).sum(dim=1)
