@@ -32,6 +32,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from ..core.atomic import atomic_write
 from ..core.errors import DataError
 from ..tasks.registry import IGNORE_INDEX, get_task
 from .io import write_image
@@ -829,11 +830,12 @@ def synthesize(out: str | Path, images: int = 256, size: int = 128, seed: int = 
     else:
         written = sum(map(_render_job, jobs))
     (out / "splits").mkdir(exist_ok=True)
-    for split, bs in splits.items():
-        (out / "splits" / f"{split}.txt").write_text("".join(f"{b}\n" for b in bs))
+    for split, bs in splits.items():  # atomic, like the info file that marks the suite complete (written last)
+        text = "".join(f"{b}\n" for b in bs)
+        atomic_write(out / "splits" / f"{split}.txt", lambda tmp, text=text: tmp.write_text(text))
     seconds = time.perf_counter() - t0
     summary = SynthSummary(str(out), written, size, seed, names, splits, list(domains), seconds)
     info = asdict(summary) | settings | {"classes": list(SEMANTIC_CLASSES), "proxy_domains": list(PROXY_DOMAINS)}
-    info_path.write_text(json.dumps(info, indent=1))
+    atomic_write(info_path, lambda tmp: tmp.write_text(json.dumps(info, indent=1)))
     log.info("synthesized %d images of %dx%d in %.1f s into %s", written, size, size, seconds, out)
     return summary

@@ -163,3 +163,17 @@ def test_speed_target(tmp_path):
     s = syn.synthesize(tmp_path, images=24, size=128, buildings=3)
     per_image = (time.process_time() - t0) / s.images
     assert 256 * per_image / 2 < 50, f"{per_image:.3f} s CPU per image"
+
+
+def test_a_failure_while_writing_the_info_file_leaves_no_partial_file(tmp_path, monkeypatch):
+    """The info file marks a complete suite: a failure while writing it leaves none (nor a temporary file), so the
+    folder is never mistaken for a finished suite."""
+    def broken_dumps(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(syn.json, "dumps", broken_dumps)
+    with pytest.raises(OSError, match="disk full"):
+        syn.synthesize(tmp_path / "s", images=3, size=16, buildings=3, seed=0)
+    assert not (tmp_path / "s" / syn.INFO_FILE).exists()
+    assert sorted(p.name for p in (tmp_path / "s" / "splits").iterdir()) == ["test.txt", "train.txt", "val.txt"]
+    assert not [p for p in (tmp_path / "s").rglob("*") if "tmp" in p.name]
