@@ -35,7 +35,11 @@ def test_plan_sorts_stably_by_expert():
     assert (plan.num_tokens, plan.top_k, plan.num_experts) == (4, 2, 5)
 
 
-def test_gather_sort_unsort_roundtrip_and_gradients():
+@pytest.mark.parametrize("index_add", [True, False])
+def test_gather_sort_unsort_roundtrip_and_gradients(index_add, monkeypatch):
+    """Row moves and their hand-written backwards (the gather's: index_add on CPUs, un-sort + sum elsewhere)."""
+    if not index_add:
+        monkeypatch.setattr(dispatch, "INDEX_ADD_DEVICES", set())
     plan = plan_dispatch(INDICES, num_experts=4)
     x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
     gathered = gather_tokens(x, plan)
