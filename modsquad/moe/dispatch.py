@@ -100,7 +100,8 @@ def plan_dispatch(indices: torch.Tensor, num_experts: int) -> DispatchPlan:
 # Rows move by gathers (index_select) with hand-written backwards: autograd's default backward of a gather is an
 # index_add, which is serial on CPUs and non-deterministic on GPUs. A permutation's backward is a gather by the
 # inverse permutation (the plan holds both; a gather measured 1.2-3x faster than the equivalent index_copy scatter
-# on CPUs), and the k copies of a token are summed as a dense [T, k, D] reduction.
+# on CPUs), and the k copies of a token are summed by one index_add on CPUs (serial there, so deterministic), else
+# as a dense [T, k, D] reduction.
 
 
 class _PermuteRows(torch.autograd.Function):
