@@ -17,7 +17,6 @@ from .dispatch import (
     grouped_mm_supported,
     plan_dispatch,
     sort_rows,
-    sorted_weights,
     sum_by_token,
     unsort_rows,
 )
@@ -58,5 +57,5 @@ __all__ = [
     "dispatch_paths", "experts_for_mass", "experts_for_mass_count", "experts_over_threshold", "gather_tokens",
     "grouped_matmul", "grouped_mm_supported", "is_exporting", "mi_loss", "moe_aux_losses", "mutual_information", "plan_dispatch",
     "register_router", "route_top_k", "router_class", "router_names", "router_z_loss", "sort_rows",
-    "sorted_weights", "sum_by_token", "switch_balance_loss", "token_task_ids", "unsort_rows", "usage_share",
+    "sum_by_token", "switch_balance_loss", "token_task_ids", "unsort_rows", "usage_share",
 ]

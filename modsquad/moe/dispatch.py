@@ -4,7 +4,7 @@ T tokens with top-k routing make S = T * k (token, slot) assignments. `plan_disp
 (stable, so rows of one expert keep token order), after which every expert's rows are one contiguous slice
 and all experts run as one grouped matmul (`grouped_matmul`). `combine` puts the rows back in (token, slot)
 order and sums the k slots of each token with the gate weights; `sum_by_token` sums rows already scaled by their
-gate weights (`sorted_weights`) without un-sorting them first.
+gate weights without un-sorting them first.
 
 `grouped_matmul` uses `torch.nn.functional.grouped_mm` where this build runs it, forward and backward, for
 the device and dtype at hand (probed once per (device type, dtype) and cached), else one matmul per
@@ -174,11 +174,6 @@ def combine(y_sorted: torch.Tensor, weights: torch.Tensor, plan: DispatchPlan) -
     """
     y = unsort_rows(y_sorted, plan).view(plan.num_tokens, plan.top_k, -1)
     return torch.bmm(weights.to(y.dtype).unsqueeze(1), y).squeeze(1)  # one pass over y, unlike (y * w).sum(1)
-
-
-def sorted_weights(weights: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
-    """weights: [T, k] gate weight of each (token, slot) -> [S], the gate weight of each sorted row."""
-    return weights.reshape(-1).index_select(0, plan.order)
 
 
 def sum_by_token(y_sorted: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
