@@ -265,7 +265,7 @@ def to_image_size(spec, pred: torch.Tensor, size: tuple[int, int]) -> torch.Tens
     if not spec.is_dense:
         return pred
     if spec.kind == "segmentation":
-        labels = pred.argmax(0)[None, None].float()
+        labels = spec.class_ids(pred)[None, None].float()
         return F.interpolate(labels, size=size, mode="nearest-exact")[0, 0].long()
     return F.interpolate(pred[None].float(), size=size, mode="bilinear", align_corners=False)[0]
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import platform
 import statistics
@@ -48,7 +47,7 @@ from modsquad.moe import MoEMlp, dispatch_paths
 from modsquad.moe.dispatch import grouped_mm_supported
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_moe import _calls, _with_grouped_mm, interleaved_median_ms, spread_routers  # noqa: E402
+from bench_moe import _calls, _with_grouped_mm, interleaved_median_ms, spread_routers, write_json  # noqa: E402
 
 TASKS = ("depth_euclidean", "normal", "edge_texture", "reshading", "keypoints2d")
 GOALS = {  # issue 14's targets
@@ -360,8 +359,7 @@ def main(argv=None) -> int:
                   amp="bf16" if amp else "none", config={k: v for k, v in vars(args).items() if k != "out"},
                   rows=rows, model=info)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2, default=str))
+        write_json(args.out, result)
         console.print(f"wrote {args.out}")
     return 0
 

@@ -33,6 +33,7 @@ from timm.layers import Mlp
 from timm.models.vision_transformer import Attention
 from torch import nn
 
+from modsquad.core.atomic import atomic_write
 from modsquad.moe import MoEAttention, MoEMlp
 from modsquad.moe.dispatch import GROUPED_MM_ENV, grouped_mm_supported
 
@@ -287,6 +288,12 @@ def bench_stacked(args, device: torch.device, console: Console) -> list[dict]:
     return rows
 
 
+def write_json(path: Path, data: dict) -> None:
+    """Write `data` as indented JSON; atomically, so an interrupted run never leaves half a file."""
+    text = json.dumps(data, indent=2, default=str)
+    atomic_write(path, lambda p: p.write_text(text))
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     console = Console()
@@ -300,9 +307,8 @@ def main(argv=None) -> int:
     if args.stacked:
         rows = bench_stacked(args, device, console)
         if args.out:
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(dict(device=str(device), torch=torch.__version__,
-                                                threads=torch.get_num_threads(), stacked=rows), indent=2))
+            write_json(args.out, dict(device=str(device), torch=torch.__version__, threads=torch.get_num_threads(),
+                                      stacked=rows))
         return 0
     rows = [] if args.skip_layers else bench_layers(args, device, console)
     model = {"skipped": "--skip-model"} if args.skip_model else bench_model(args, device, console)
@@ -310,8 +316,7 @@ def main(argv=None) -> int:
     result = dict(device=str(device), torch=torch.__version__, threads=torch.get_num_threads(),
                   config={k: v for k, v in vars(args).items() if k != "out"}, layers=rows, model=model)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2))
+        write_json(args.out, result)
         console.print(f"wrote {args.out}")
     return 0
 

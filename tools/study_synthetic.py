@@ -35,6 +35,7 @@ from rich.console import Console
 from modsquad.bench.compare import compare_runs, summary_markdown, write_compare
 from modsquad.checkpoint import load_model
 from modsquad.config import CONFIG_DIR, load_config
+from modsquad.core.atomic import atomic_write
 from modsquad.data import synthesize
 from modsquad.evaluate import evaluate
 from modsquad.extract.usage import compute_usage, save_usage
@@ -118,7 +119,8 @@ def finish_run(run: Path, moe: bool, seconds: float) -> None:
     if moe:
         save_usage(compute_usage(run, split="val", device="cpu"), run)
     evaluate(run, "val", device="cpu")
-    (run / "study_seconds.txt").write_text(f"{seconds + time.perf_counter() - t0:.1f}\n")
+    text = f"{seconds + time.perf_counter() - t0:.1f}\n"
+    atomic_write(run / "study_seconds.txt", lambda p: p.write_text(text))
 
 
 def run_seconds(run: Path) -> float:
@@ -264,7 +266,7 @@ def plot_usage_mi(pairs, path: Path) -> None:
         ax.set_xticks(x, names, rotation=20, ha="right", fontsize=8)
         ax.set_title(title, fontsize=9)
         ax.legend(fontsize=8)
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda p: fig.savefig(p, dpi=110, format="png"))
     plt.close(fig)
 
 
@@ -304,7 +306,7 @@ def plot_add_task(old_rows, fewshot, path: Path) -> None:
     ax.set_ylabel(f"{NEW_TASK} {spec.primary} ({'lower' if spec.lower_is_better() else 'higher'} is better)")
     ax.set_title("few-shot transfer", fontsize=9)
     ax.legend(fontsize=8)
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda p: fig.savefig(p, dpi=110, format="png"))
     plt.close(fig)
 
 
@@ -382,7 +384,7 @@ def write_report(args, report_dir: Path, comparison: dict, add: dict, fewshot: l
         lines += ["", "![add a task](study_add_task.png)", ""]
     lines += ["## Time", "", *(f"- {k}: {v:.0f} s" for k, v in timings.items()), ""]
     path = report_dir / "study_synthetic.md"
-    path.write_text("\n".join(lines))
+    atomic_write(path, lambda p: p.write_text("\n".join(lines)))
     return path
 
 
@@ -396,7 +398,7 @@ def main(argv=None) -> Path:
     root = args.out / "data"
     summary = synthesize(root, images=args.images, size=args.size, seed=args.seed)
     if not summary.reused:
-        (args.out / "render_seconds.txt").write_text(f"{summary.seconds:.1f}\n")
+        atomic_write(args.out / "render_seconds.txt", lambda p: p.write_text(f"{summary.seconds:.1f}\n"))
     render = args.out / "render_seconds.txt"
     timings = {"render data": float(render.read_text()) if render.is_file() else 0.0}
 

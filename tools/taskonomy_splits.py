@@ -14,6 +14,8 @@ import argparse
 import csv
 from pathlib import Path
 
+from modsquad.core.atomic import atomic_write
+
 SPLITS = ("train", "val", "test")
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "data" / "splits"
 
@@ -53,7 +55,8 @@ def write_split_lists(splits: dict[str, list[str]], split_set: str, out: str | P
     paths = []
     for s, names in splits.items():
         path = out / f"taskonomy_{split_set}_{s}.txt"
-        path.write_text("".join(f"{n}\n" for n in names))
+        text = "".join(f"{n}\n" for n in names)
+        atomic_write(path, lambda p, text=text: p.write_text(text))
         paths.append(path)
     return paths
 

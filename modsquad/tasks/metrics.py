@@ -181,15 +181,20 @@ class SegmentationMetric(Metric):
     mIoU averages the IoU of every class that appears in the target OR the prediction over the whole
     evaluation (classes seen in neither are 0/0 and skipped; a class only ever predicted scores 0). On a
     full PASCAL/Taskonomy val set every class appears in GT, where this equals the benchmark mean over all
-    classes. pred: logits [B, C, H, W] (argmax here) or labels long [B, H, W]; target: long [B, H, W] with
+    classes. Classes below `first_label` are never targets (Taskonomy's segment_semantic: 0 = uncertain): logits
+    are arg-maxed over the other channels, a label below it counts as a miss, and the mean leaves them out.
+    pred: logits [B, C, H, W] (argmax here) or labels long [B, H, W]; target: long [B, H, W] with
     `ignore_index` unlabelled; mask: optional bool [B, H, W]. State: confusion [C*C], rows = target.
     """
 
     names = ("miou", "pixel_acc")
 
-    def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX):
+    def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX, first_label: int = 0):
+        if not 0 <= first_label < num_classes:
+            raise ValueError(f"first_label must be in [0, {num_classes}), got {first_label}")
         self.num_classes = num_classes
         self.ignore_index = ignore_index
+        self.first_label = first_label
         super().__init__(num_classes * num_classes)
 
     @torch.no_grad()
@@ -197,14 +202,15 @@ class SegmentationMetric(Metric):
         pred, target, mask = _f64_device(pred), _f64_device(target), _f64_device(mask)
         target = target[:, 0] if target.dim() == 4 else target
         if pred.is_floating_point():
-            labels = resize_to_target(pred.float(), target.shape[-2:]).argmax(dim=1)
+            first = self.first_label
+            labels = resize_to_target(pred[:, first:].float(), target.shape[-2:]).argmax(dim=1) + first
         else:
             labels = pred[:, 0] if pred.dim() == 4 else pred
             if labels.shape[-2:] != target.shape[-2:]:
                 labels = F.interpolate(labels[:, None].float(), size=target.shape[-2:], mode="nearest")[:, 0]
             labels = labels.long()
         target = target.long()
-        valid = (target != self.ignore_index) & (target >= 0) & (target < self.num_classes)
+        valid = (target != self.ignore_index) & (target >= self.first_label) & (target < self.num_classes)
         if mask is not None:
             valid &= dense_mask(mask, target)
         c = self.num_classes
@@ -216,11 +222,14 @@ class SegmentationMetric(Metric):
         return self._sums().reshape(self.num_classes, self.num_classes)
 
     def per_class_iou(self) -> Tensor:
-        """float64 [C]: IoU in 0-1 per class, NaN for classes in neither target nor prediction."""
+        """float64 [C]: IoU in 0-1 per class, NaN for classes in neither target nor prediction and for classes
+        below `first_label`."""
         cm = self.confusion()
         tp = cm.diag()
         union = cm.sum(0) + cm.sum(1) - tp
-        return torch.where(union > 0, tp / union.clamp_min(1), torch.full_like(tp, math.nan))
+        iou = torch.where(union > 0, tp / union.clamp_min(1), torch.full_like(tp, math.nan))
+        iou[:self.first_label] = math.nan
+        return iou
 
     def compute(self):
         cm = self.confusion()
@@ -257,23 +266,29 @@ def _probabilities(pred: Tensor, target_size, from_logits: bool) -> Tensor:
 
 
 class SaliencyMetric(Metric):
-    """maxF (beta^2 = 0.3) and mIoU at a 0.5 threshold for binary saliency, as in the PASCAL-MT benchmark.
+    """maxF and mIoU of binary saliency, each as in the papers that report it for PASCAL-Context.
 
-    maxF is the best F over `thresholds` (default 0.01..0.99) of dataset-level precision/recall, i.e. from
-    TP/FP/FN counts summed over all images at each threshold (a pixel is salient when p > threshold). mIoU
-    averages the IoU of the salient and background classes at `miou_threshold`.
+    maxF (beta^2 = 0.3, the ATRC / InvPT convention) is the best F over `thresholds` (default 0.01..0.99) of
+    dataset-level precision/recall, i.e. from TP/FP/FN counts summed over all images at each threshold (a pixel is
+    salient when p > threshold). mIoU is the ASTMT / Multi-Task-Learning-PyTorch "maxmIoU" that MTL-PyTorch, M3ViT
+    and Mod-Squad tables report: at each of `miou_thresholds` (default linspace(0.2, 0.9, 15)) the foreground IoU
+    of every image (1 when target and prediction are both empty), averaged over images; the best threshold's
+    mean. Masked pixels are left out; an image without valid pixels is skipped.
     pred: logits [B, 1, H, W] (probabilities if from_logits=False); target: [B, 1, H, W] in {0, 1};
-    mask: bool [B, H, W]. State: [positives hist (K+1), negatives hist (K+1), tp, fp, fn, tn at 0.5].
+    mask: bool [B, H, W]. State: [positives hist (K+1), negatives hist (K+1), IoU sum per miou threshold, images].
     """
 
     names = ("maxf", "miou")
 
     def __init__(self, thresholds: Sequence[float] | None = None, beta2: float = 0.3,
-                 miou_threshold: float = 0.5, from_logits: bool = True):
+                 miou_thresholds: Sequence[float] | None = None, from_logits: bool = True):
         self.thresholds = (_default_thresholds() if thresholds is None
                            else torch.as_tensor(sorted(thresholds), dtype=torch.float64))
-        self.beta2, self.miou_threshold, self.from_logits = beta2, miou_threshold, from_logits
-        super().__init__(2 * (self.thresholds.numel() + 1) + 4)
+        self.miou_thresholds = torch.as_tensor(
+            torch.linspace(0.2, 0.9, 15, dtype=torch.float64) if miou_thresholds is None else miou_thresholds,
+            dtype=torch.float64).reshape(-1)
+        self.beta2, self.from_logits = beta2, from_logits
+        super().__init__(2 * (self.thresholds.numel() + 1) + self.miou_thresholds.numel() + 1)
 
     @torch.no_grad()
     def update(self, pred, target, mask=None):
@@ -282,26 +297,31 @@ class SaliencyMetric(Metric):
         valid = dense_mask(mask, target)
         gt = target.reshape(prob.shape) > 0.5
         pos, neg = prob[valid & gt], prob[valid & ~gt]
-        hit_pos, hit_neg = pos > self.miou_threshold, neg > self.miou_threshold
-        counts = torch.stack([hit_pos.sum(), hit_neg.sum(), (~hit_pos).sum(), (~hit_neg).sum()])
-        self._accumulate(torch.cat([_threshold_hist(pos, self.thresholds),
-                                    _threshold_hist(neg, self.thresholds), counts]))
+        # per-image foreground IoU at each mIoU threshold: [B, M]
+        prob, gt, valid = prob.flatten(1), (gt & valid).flatten(1), valid.flatten(1)
+        ious = []
+        for t in self.miou_thresholds.tolist():
+            hit = (prob > t) & valid
+            inter, union = (hit & gt).sum(1), (hit | gt).sum(1)
+            ious.append(torch.where(union > 0, inter.double() / union.clamp_min(1), 1.0))
+        labelled = valid.any(1)
+        iou_sums = torch.stack(ious, 1)[labelled].sum(0)
+        self._accumulate(torch.cat([_threshold_hist(pos, self.thresholds), _threshold_hist(neg, self.thresholds),
+                                    iou_sums, labelled.sum().double().reshape(1)]))
 
     def compute(self):
         acc = self._sums()
         k1 = self.thresholds.numel() + 1
         pos_hist, neg_hist = acc[:k1], acc[k1:2 * k1]
-        tp, fp, fn, tn = acc[2 * k1:].tolist()
-        if tp + fp + fn + tn == 0:
+        iou_sums, images = acc[2 * k1:-1], acc[-1].item()
+        if images == 0:
             return {"maxf": math.nan, "miou": math.nan}
         tp_k = _reverse_cumsum(pos_hist)[1:]
         fp_k = _reverse_cumsum(neg_hist)[1:]
         precision = _div(tp_k, tp_k + fp_k)
         recall = _div(tp_k, pos_hist.sum().expand_as(tp_k))
         maxf = _f_measure(precision, recall, self.beta2).max().item()
-        iou_fg = tp / (tp + fp + fn) if tp + fp + fn > 0 else math.nan
-        iou_bg = tn / (tn + fn + fp) if tn + fn + fp > 0 else math.nan
-        return {"maxf": 100.0 * maxf, "miou": 100.0 * torch.tensor([iou_fg, iou_bg]).nanmean().item()}
+        return {"maxf": 100.0 * maxf, "miou": 100.0 * (iou_sums / images).max().item()}
 
 
 def max_filter(x: Tensor, radius: float, metric: str = "euclidean") -> Tensor:
@@ -463,7 +483,7 @@ class ClassificationMetric(Metric):
 METRICS_BY_KIND: dict[str, Callable[..., Metric]] = {
     "regression": lambda spec, **kw: RegressionMetric(**kw),
     "normal": lambda spec, **kw: NormalMetric(**kw),
-    "segmentation": lambda spec, **kw: SegmentationMetric(spec.channels, **kw),
+    "segmentation": lambda spec, **kw: SegmentationMetric(spec.channels, **{"first_label": spec.first_label, **kw}),
     "saliency": lambda spec, **kw: SaliencyMetric(**kw),
     "edge": lambda spec, **kw: EdgeMetric(**kw),
     "classification": lambda spec, **kw: ClassificationMetric(**kw),

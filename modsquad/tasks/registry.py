@@ -46,6 +46,8 @@ class TaskSpec:
     suite: str = "taskonomy"
     file_ext: str = "png"
     description: str = ""
+    #: segmentation: labels below it are never targets (not predicted, not in the mIoU)
+    first_label: int = 0
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -60,6 +62,13 @@ class TaskSpec:
 
     def lower_is_better(self, metric: str | None = None) -> bool:
         return (metric or self.primary) in LOWER_IS_BETTER
+
+    def class_ids(self, logits, dim: int = 0):
+        """Segmentation logits (numpy array or tensor) -> class ids: the arg-max over channel `dim`, among the
+        channels a target can hold (from `first_label` up)."""
+        index = [slice(None)] * logits.ndim
+        index[dim] = slice(self.first_label, None)
+        return logits[tuple(index)].argmax(dim) + self.first_label
 
 
 # --- Taskonomy file codecs ------------------------------------------------------------------------------
@@ -294,7 +303,8 @@ for _name in ("segment_unsup2d", "segment_unsup25d"):
     register_task(TaskSpec(_name, 1, "regression", "l1", _REG, _unit8_decoder(1), _unit8_encoder,
                            description="unsupervised segmentation embedding"))
 register_task(TaskSpec("segment_semantic", 18, "segmentation", "ce", ("miou", "pixel_acc"), decode_semantic,
-                       encode_semantic, description="0 uncertain (ignored), 1 background, 2-17 COCO classes"))
+                       encode_semantic, description="0 uncertain (ignored), 1 background, 2-17 COCO classes",
+                       first_label=1))
 register_task(TaskSpec("class_object", 1000, "classification", "soft_ce", _CLS, decode_class_object,
                        encode_class_object, file_ext="npy", description="ImageNet-1k soft labels (stored as logits)"))
 register_task(TaskSpec("class_scene", 365, "classification", "soft_ce", _CLS, decode_class_scene, encode_class,

@@ -60,6 +60,8 @@ _MEANING: dict[str, dict] = {
                         "cmap": "viridis"},
     "segment_unsup25d": {"quantity": "unsupervised 2.5-D segment embedding", "units": "",
                          "value_range": [0.0, 1.0], "cmap": "viridis"},
+    "segment_semantic": {"quantity": "class logits; class id = 1 + argmax over channels 1.. (0 = uncertain is never "
+                                     "a label)", "units": "", "value_range": None},
 }
 _KIND_MEANING = {
     "regression": {"quantity": "value", "units": "", "value_range": None},
@@ -208,7 +210,7 @@ def colorize(spec: TaskSpec | str, x: Tensor | np.ndarray, mask: Tensor | np.nda
     valid = None if mask is None else _numpy(mask).astype(bool).reshape(a.shape[-2:])
 
     if kind == "segmentation":
-        labels = a.argmax(axis=0) if a.ndim == 3 and a.shape[0] > 1 and np.issubdtype(a.dtype, np.floating) \
+        labels = spec.class_ids(a) if a.ndim == 3 and a.shape[0] > 1 and np.issubdtype(a.dtype, np.floating) \
             else a.reshape(a.shape[-2:])
         labels = labels.astype(np.int64)
         if valid is not None:
@@ -392,7 +394,7 @@ def prediction_panel(image: np.ndarray, spec: TaskSpec | str, pred: Tensor | np.
         ax_pred.set_xlabel("probability", fontsize=8)
         ax_pred.set_title(f"{spec.name}: top-5 classes", fontsize=10)
     elif kind == "segmentation":
-        labels = (a.argmax(0) if a.ndim == 3 and a.shape[0] > 1 and np.issubdtype(a.dtype, np.floating)
+        labels = (spec.class_ids(a) if a.ndim == 3 and a.shape[0] > 1 and np.issubdtype(a.dtype, np.floating)
                   else a.reshape(a.shape[-2:])).astype(np.int64)
         palette = task_palette(spec)
         ax_pred.imshow(colorize_labels(labels, palette), interpolation="nearest")

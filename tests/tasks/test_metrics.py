@@ -98,12 +98,66 @@ def test_saliency_hand_case():
     # F_b(P, R) = 1.3 P R / (0.3 P + R). t < 0.1: (1/2, 1) -> .565; [0.1, 0.3): (2/3, 1) -> .722;
     # [0.3, 0.6): (1/2, 1/2) -> .5; [0.6, 0.9): (1, 1/2) -> .8125; >= 0.9: nothing predicted -> 0
     assert out["maxf"] == pytest.approx(81.25)
-    # at 0.5: tp 1 (0.9), fp 1 (0.6), fn 1 (0.3), tn 1 (0.1): IoU fg 1/3, bg 1/3
-    assert out["miou"] == pytest.approx(100 / 3)
+    # foreground IoU at the thresholds 0.2, 0.25, ..., 0.9: [0.2, 0.3): {.9, .6, .3} vs {.9, .3} -> 2/3;
+    # [0.3, 0.6): 1/3; [0.6, 0.9): 1/2; 0.9: 0 -> the best is 2/3
+    assert out["miou"] == pytest.approx(200 / 3)
     logit = torch.log(prob / (1 - prob))
     m2 = SaliencyMetric()
     m2.update(logit, gt)
     assert m2.compute() == pytest.approx(out)
+
+
+def _saliency_miou_reference(probs, gts, valids):
+    """ASTMT / Multi-Task-Learning-PyTorch `eval_sal` (jaccard with void pixels), written out with numpy."""
+    thresholds = np.linspace(0.2, 0.9, 15)
+    per_image = []
+    for p, g, v in zip(probs, gts, valids):
+        if not v.any():
+            continue
+        row = []
+        for t in thresholds:
+            m, gg = (p > t) & v, g.astype(bool) & v
+            row.append(1.0 if not m.any() and not gg.any() else (m & gg).sum() / (m | gg).sum())
+        per_image.append(row)
+    return 100 * np.mean(per_image, 0).max()
+
+
+def test_saliency_miou_is_the_per_image_mean_of_the_mtl_benchmark():
+    rng = np.random.default_rng(0)
+    probs = [rng.random((9, 7)) for _ in range(6)]
+    gts = [rng.random((9, 7)) > 0.6 for _ in range(6)]
+    valids = [rng.random((9, 7)) > 0.2 for _ in range(6)]
+    gts[2][:], probs[2][:] = False, 0.1  # no salient pixel in target or prediction: IoU 1
+    valids[4][:] = False  # no valid pixel: the image is skipped
+    m = SaliencyMetric(from_logits=False)
+    for p, g, v in zip(probs, gts, valids):
+        m.update(torch.tensor(p)[None, None], torch.tensor(g, dtype=torch.float64)[None, None],
+                 torch.tensor(v)[None])
+    assert m.compute()["miou"] == pytest.approx(_saliency_miou_reference(probs, gts, valids))
+    # per image, not pooled: a 3-row object found in 2 rows scores 2/3 whatever the other images hold
+    g = torch.zeros(1, 1, 10, 10)
+    g[..., :3, :] = 1
+    p = torch.zeros(1, 1, 10, 10)
+    p[..., :2, :] = 0.9
+    one = SaliencyMetric(from_logits=False)
+    one.update(p, g)
+    assert one.compute()["miou"] == pytest.approx(200 / 3)
+
+
+def test_segment_semantic_never_predicts_or_scores_the_uncertain_class():
+    metric = build_metrics("segment_semantic")
+    target = torch.arange(1, 17).view(1, 4, 4)
+    logits = torch.nn.functional.one_hot(target, 18).permute(0, 3, 1, 2).float()
+    logits[0, 0, 0, 0] = 10.0  # channel 0 ("uncertain") is the largest at one pixel: not a label, skipped
+    metric.update(logits, target)
+    assert metric.compute() == {"miou": pytest.approx(100.0), "pixel_acc": pytest.approx(100.0)}
+    labels = target.clone()
+    labels[0, 0, 0] = 0  # a label below first_label is a miss for the target's class, not a class of its own
+    miss = build_metrics("segment_semantic")
+    miss.update(labels, target)
+    assert miss.compute()["miou"] == pytest.approx(100 * 15 / 16)
+    assert math.isnan(miss.per_class_iou()[0].item())
+    assert get_task("segment_semantic").class_ids(logits[0]).min().item() == 1
 
 
 def _edge_case():

@@ -50,7 +50,7 @@ def test_voc_palette_is_the_standard_and_deterministic():
 
 
 def test_segmentation_logits_and_labels_agree():
-    labels = torch.randint(0, 18, (H, W))
+    labels = torch.randint(1, 18, (H, W))  # 0 ("uncertain") is never a label
     logits = torch.nn.functional.one_hot(labels, 18).permute(2, 0, 1).float() * 5
     assert np.array_equal(colorize("segment_semantic", logits), colorize("segment_semantic", labels))
 
