@@ -31,7 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .core.atomic import atomic_path, atomic_write, fsync_dir, fsync_file, link_or_copy
+from .core.atomic import atomic_path, atomic_write, chmod_default, fsync_dir, fsync_file, link_or_copy
 from .core.errors import CheckpointError, UserError
 from .core.version import __version__
 from .models.registry import build_model_from_config
@@ -141,6 +141,7 @@ def commit_run_checkpoint(run_dir: str | os.PathLike, writers: Mapping[str, Call
     staging.mkdir()
     for name, write in writers.items():
         write(staging / name)
+        chmod_default(staging / name)  # safetensors' save_file creates 0600 files
         fsync_file(staging / name)
     for name in carry:
         if name not in writers and name in previous:

@@ -6,6 +6,7 @@ as one red line and exit with code 2.
 
 from __future__ import annotations
 
+import errno
 import functools
 from pathlib import Path
 
@@ -64,6 +65,8 @@ app.add_typer(data_app, name="data")
 #: OS errors that only a user's path can cause (a file where a folder goes, no permission, ...): printed like
 #: UserErrors as a last line of defence, for paths the library did not check itself.
 _PATH_ERRORS = (FileExistsError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+#: ... and OS errors of the place a path points to (a read-only mount, a full disk or quota, a too long name)
+_PATH_ERRNOS = {errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENAMETOOLONG, errno.EACCES, errno.EPERM}
 
 
 def user_errors(fn):
@@ -76,7 +79,9 @@ def user_errors(fn):
         except UserError as e:
             err_console.print(f"[bold red]error:[/] {e}", highlight=False)
             raise typer.Exit(2) from None
-        except _PATH_ERRORS as e:
+        except OSError as e:
+            if not isinstance(e, _PATH_ERRORS) and e.errno not in _PATH_ERRNOS:
+                raise
             where = f"{e.filename}: " if e.filename else ""
             err_console.print(f"[bold red]error:[/] {where}{e.strerror or e}", highlight=False)
             raise typer.Exit(2) from None
@@ -123,8 +128,14 @@ def _renamed(new: str, value, old: str, old_value):
     return old_value
 
 
-def _csv(value: str | None) -> list[str] | None:
-    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+def _csv(value: str | None, option: str = "--tasks") -> list[str] | None:
+    """"a, b" -> ["a", "b"]; None (not given) -> None; a given but empty list is a ConfigError, not "all"."""
+    if value is None:
+        return None
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    if not items:
+        raise ConfigError(f"{option} {value!r}: no names given (leave {option} out for all)")
+    return items
 
 
 # --- data ------------------------------------------------------------------------------------------------------
@@ -276,9 +287,9 @@ def _train_add_tasks(config, overrides, out, resume, stop_after, from_run, add_t
                           "(change it with --set)")
     if resume and (from_run is not None or add_tasks is not None):
         raise ConfigError("--resume continues an add-tasks run from its grow.json; drop --from/--add-tasks")
-    if not resume and (from_run is None or not _csv(add_tasks)):
+    if not resume and (from_run is None or not _csv(add_tasks, "--add-tasks")):
         raise ConfigError("adding tasks needs both --from RUN and --add-tasks TASK[,TASK]")
-    return train_add_tasks(from_run, _csv(add_tasks), out, freeze=freeze, router_init_from=router_init_from,
+    return train_add_tasks(from_run, _csv(add_tasks, "--add-tasks"), out, freeze=freeze, router_init_from=router_init_from,
                            overrides=overrides, resume=resume, stop_after=stop_after, console=console)
 
 

@@ -22,8 +22,9 @@ Outputs per image and task, in `out` (default: next to each input image):
                              edge probabilities as an 8-bit PNG (x 255), other maps as float32 .npy [C, H, W],
                              classification as float32 .npy class probabilities.
 Every file is written atomically, and outputs never overwrite an input image or each other: such a clash is an
-error before anything is written. 8-bit, 16-bit and float images (in [0, 1], or in [0, 255]) are read at their
-own scale.
+error before anything is written. Every PNG written carries a text chunk (`OUTPUT_MARK`), so a second run over
+the same folder leaves the first run's predictions out of its inputs and replaces them. 8-bit, 16-bit and float
+images (in [0, 1], or in [0, 255]) are read at their own scale; photos are turned as their EXIF orientation says.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from __future__ import annotations
 import glob
 import math
 import os
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,7 +52,10 @@ from .tasks.visualize import IMAGENET_MEAN, IMAGENET_STD, output_meaning, predic
 
 Predictor = Callable[[torch.Tensor], dict[str, torch.Tensor]]
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".jfif", ".tif", ".tiff", ".bmp", ".webp", ".gif")
+#: A PNG text chunk every PNG that `predict` writes carries, so that a later run over the same folder leaves its
+#: predictions out of the inputs (and may replace them) instead of taking them for photographs.
+OUTPUT_MARK = b"Software\x00modsquad predict"
 #: The long side of a resized image is at most this many times its short side (panoramas are shrunk further).
 MAX_ASPECT = 4.0
 #: How inputs are fitted to the model, for --help, the README and the result.
@@ -119,13 +124,34 @@ def load_predictor(model_path: str | os.PathLike, tasks: Sequence[str] | None = 
     return predict, specs, spec, dev
 
 
+def is_prediction(path: Path) -> bool:
+    """Whether `path` is a PNG written by `modsquad predict` (it carries `OUTPUT_MARK` right after its header)."""
+    if path.suffix.lower() != ".png":
+        return False
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(33 + 12 + len(OUTPUT_MARK))
+    except OSError:
+        return False
+    return head[33 + 4:].startswith(b"tEXt" + OUTPUT_MARK)
+
+
+def _mark_png(png: bytes) -> bytes:
+    """Insert the `OUTPUT_MARK` tEXt chunk after the IHDR chunk (the first 33 bytes) of an encoded PNG."""
+    chunk = b"tEXt" + OUTPUT_MARK
+    return png[:33] + len(OUTPUT_MARK).to_bytes(4, "big") + chunk + zlib.crc32(chunk).to_bytes(4, "big") + png[33:]
+
+
 def _images_in(folder: Path) -> list[Path]:
-    return sorted(f for f in folder.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+    """The image files of a folder, sorted, without earlier predictions of `modsquad predict`."""
+    return sorted(f for f in folder.iterdir()
+                  if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES and not is_prediction(f))
 
 
 def expand_inputs(paths: Sequence[str | os.PathLike]) -> tuple[list[Path], dict[str, str]]:
     """(image files, {input: why nothing came of it}) of files, folders (their images, sorted, not recursive)
-    and glob patterns (`*`, `?`, `[...]`; sorted matches). A file reached twice counts once."""
+    and glob patterns (`*`, `?`, `[...]`; sorted matches). A file reached twice counts once. PNGs that
+    `modsquad predict` wrote are left out of folders and patterns, and skipped when named."""
     files: list[Path] = []
     skipped: dict[str, str] = {}
     for raw in paths:
@@ -136,10 +162,14 @@ def expand_inputs(paths: Sequence[str | os.PathLike]) -> tuple[list[Path], dict[
                 skipped[str(p)] = f"folder holds no images ({', '.join(IMAGE_SUFFIXES)})"
             files.extend(found)
         elif p.is_file():
-            files.append(p)
+            if is_prediction(p):
+                skipped[str(p)] = "a prediction written by modsquad predict, not a photograph"
+            else:
+                files.append(p)
         elif glob.has_magic(str(raw)):
             matches = [Path(m) for m in sorted(glob.glob(str(raw)))]
-            found = [m for m in matches if m.is_file() and m.suffix.lower() in IMAGE_SUFFIXES]
+            found = [m for m in matches
+                     if m.is_file() and m.suffix.lower() in IMAGE_SUFFIXES and not is_prediction(m)]
             for m in matches:
                 if m.is_dir():
                     found.extend(_images_in(m))
@@ -180,16 +210,16 @@ def read_images(paths: Sequence[str | os.PathLike]) -> list[np.ndarray]:
     for p in map(Path, paths):
         if not p.is_file():
             raise DataError(f"image not found: {p}")
-        images.append(to_unit_rgb(read_image(p), str(p)))
+        images.append(to_unit_rgb(read_image(p, orient=True), str(p)))
     return images
 
 
 def _try_read(path: Path) -> tuple[np.ndarray | None, str | None]:
     """(image in [0, 1], None) or (None, why it cannot be read)."""
     try:
-        return to_unit_rgb(read_image(path), str(path)), None
+        return to_unit_rgb(read_image(path, orient=True), str(path)), None
     except DataError as e:
-        return None, str(e).removeprefix(f"{path}: ")
+        return None, str(e).removeprefix(f"unreadable image {path}: ").removeprefix(f"{path}: ")
     except (OSError, ValueError, cv2.error) as e:
         return None, f"unreadable ({e})"
 
@@ -314,7 +344,8 @@ def _write(path: Path, array: np.ndarray, rgb: bool = True) -> Path:
     ok, buf = cv2.imencode(".png", a)
     if not ok:
         raise DataError(f"cannot encode a PNG for {path}")
-    return atomic_write(path, lambda tmp: tmp.write_bytes(buf.tobytes()))
+    png = _mark_png(buf.tobytes())
+    return atomic_write(path, lambda tmp: tmp.write_bytes(png))
 
 
 @torch.no_grad()

@@ -166,6 +166,8 @@ CASES = {
     "bench/truncated": ["bench", "{trunc}", "--extracted", "{ext}", "--out", "{new}"],
     "bench/extracted-is-file": ["bench", "{run}", "--extracted", "{file}", "--out", "{new}"],
     "bench/threads-0": ["bench", "{run}", "--extracted", "{ext}", "--out", "{new}", "--threads", "0"],
+    "bench/device-unknown": ["bench", "{run}", "--extracted", "{ext}", "--out", "{new}", "--device", "bogus"],
+    "bench/device-meta": ["bench", "{run}", "--extracted", "{ext}", "--out", "{new}", "--device", "meta"],
     # predict
     "predict/image-missing": ["predict", "{normal}", "{missing}", "--out", "{new}"],
     "predict/out-is-file": ["predict", "{normal}", "{img}", "--out", "{file}"],
@@ -178,6 +180,9 @@ CASES = {
     "predict/task": ["predict", "{run}", "{img}", "--task", "nope", "--out", "{new}"],
     "predict/overwrites-input": ["predict", "{run}", "{img}", "{img_normal}"],
     "predict/same-stem-two-folders": ["predict", "{normal}", "{img}", "{img2}", "--out", "{new}"],
+    "predict/tasks-empty": ["predict", "{run}", "{img}", "--tasks", "", "--out", "{new}"],
+    "predict/device-index": ["predict", "{normal}", "{img}", "--out", "{new}", "--device", "cuda:99"],
+    "eval/device-meta": ["eval", "{run}", "--device", "meta"],
     # demo
     "demo/out-is-file": ["demo", "--out", "{file}"],
     "demo/steps-0": ["demo", "--out", "{new}", "--steps", "0"],
@@ -235,3 +240,25 @@ def test_the_world_is_sane(world):
     shutil.rmtree(world["root"] / "pred_ok")
     info = json.loads((world["normal"] / "config.json").read_text())
     assert info["heldout"]["split"] == "val" and info["counted"]["split"] == "train"
+
+
+def test_os_errors_of_the_place_are_one_line_others_propagate():
+    import errno
+
+    import typer
+
+    from modsquad.cli import user_errors
+
+    @user_errors
+    def full_disk():
+        raise OSError(errno.ENOSPC, "No space left on device", "/mnt/out/x.png")
+
+    @user_errors
+    def io_error():
+        raise OSError(errno.EIO, "Input/output error")
+
+    with pytest.raises(typer.Exit) as exit_info:
+        full_disk()
+    assert exit_info.value.exit_code == 2
+    with pytest.raises(OSError, match="Input/output"):
+        io_error()

@@ -544,9 +544,7 @@ def benchmark(checkpoint: str | Path, extracted: str | Path, *, tasks: Sequence[
     if repeats < 1 or warmup < 0:
         raise ConfigError(f"--repeats must be >= 1 and --warmup >= 0, got {repeats} and {warmup}")
     b_lat, b_thr = batch_sizes[0], batch_sizes[-1]
-    device = resolve_device(device) if str(device) == "auto" else torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: this torch build or machine has no CUDA device")
+    device = resolve_device(str(device))
     ckpt_path = resolve_checkpoint(checkpoint)
     model = load_model(ckpt_path, map_location=device).eval()
     extracted = _as_path(extracted)

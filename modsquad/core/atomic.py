@@ -10,6 +10,7 @@ staged the same way (`atomic_dir`) and moved into place with one rename.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -60,6 +61,27 @@ def fsync_file(path: str | os.PathLike) -> None:
         os.fsync(f.fileno())
 
 
+#: errors of the place an output goes, not of the program: reported as an OutputPathError naming the output
+_PLACE_ERRNOS = {errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM}
+
+
+@contextmanager
+def _naming(path: Path) -> Iterator[None]:
+    """Turn a read-only file system, a full disk (or quota) or a denied write into an OutputPathError naming
+    `path` (the temporary file's name would only confuse)."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in _PLACE_ERRNOS:
+            raise
+        raise OutputPathError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+def chmod_default(path: str | os.PathLike) -> None:
+    """Give a file the permissions a plain `open` would (0666 less the umask); some writers create 0600 files."""
+    os.chmod(path, 0o666 & ~_UMASK)
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to `path`; on success it is fsynced and renamed onto `path`, on error
@@ -68,14 +90,16 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     ensure_dir(path.parent)
     if path.is_dir():
         raise OutputPathError(f"{path} is an existing folder; cannot write a file there")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with _naming(path):
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
     try:
-        yield tmp
-        fsync_file(tmp)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(tmp, path)
+        with _naming(path):
+            yield tmp
+            fsync_file(tmp)
+            os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the usual permissions
+            os.replace(tmp, path)
         fsync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
@@ -96,7 +120,8 @@ def staging_dir(out: str | os.PathLike) -> Iterator[Path]:
     """A fresh temporary folder next to `out` (same file system, so renames are atomic), removed at exit."""
     out = Path(out)
     ensure_dir(out.parent)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    with _naming(out):
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         yield tmp
     finally:
@@ -134,5 +159,5 @@ def link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
         fsync_file(dst)
 
 
-__all__ = ["OutputPathError", "atomic_path", "atomic_write", "check_dir_path", "ensure_dir", "fsync_dir",
+__all__ = ["OutputPathError", "atomic_path", "atomic_write", "check_dir_path", "chmod_default", "ensure_dir", "fsync_dir",
            "fsync_file", "link_or_copy", "publish", "staging_dir"]

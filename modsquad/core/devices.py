@@ -36,18 +36,34 @@ class DistContext:
 
 
 def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
-    """`auto` -> the local CUDA device when there is one, else CPU; `cuda` -> `cuda:<local_rank>`."""
-    name = (name or "auto").lower()
+    """`auto` -> the local CUDA device when there is one, else CPU; `cuda` -> `cuda:<local_rank>`.
+
+    A device this machine lacks (`cuda:1` with one GPU, `mps` off Apple silicon) or cannot run a model on (`meta`)
+    is a ConfigError naming it, the value of `--device` or `train.device`.
+    """
+    name = str(name or "auto").lower()
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError("train.device is 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
-        return torch.device("cuda", local_rank)
     try:
-        return torch.device(name)
+        dev = torch.device(name)
     except RuntimeError:
-        raise ConfigError(f"train.device: unknown device {name!r} (use auto, cpu, cuda or cuda:N)") from None
+        raise ConfigError(f"unknown device {name!r} (--device / train.device: use auto, cpu, cuda or cuda:N)"
+                          ) from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"device {name!r}: no CUDA device is available here; use auto or cpu")
+        dev = torch.device("cuda", local_rank if dev.index is None else dev.index)
+        if dev.index >= count:
+            raise ConfigError(f"device {name!r}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+        return dev
+    if dev.type == "mps":
+        if not (torch.backends.mps.is_available()):
+            raise ConfigError(f"device {name!r}: MPS is not available here; use auto or cpu")
+        return dev
+    if dev.type != "cpu":
+        raise ConfigError(f"device {name!r}: modsquad runs on cpu, cuda or mps, not {dev.type}")
+    return dev
 
 
 def init_distributed(device: str = "auto") -> DistContext:

@@ -14,6 +14,30 @@ import numpy as np
 from ..core.errors import DataError
 
 _JPEG_EOI = b"\xff\xd9"
+_JPEG_SOS = 0xDA
+_UNSIZED_MARKERS = {0x01, *range(0xD0, 0xDA)}  # TEM, RSTn, SOI, EOI: no length field
+
+
+def jpeg_is_complete(data: bytes) -> bool:
+    """Whether a JPEG stream reaches its end-of-image marker. Walks the marker segments to the first scan, then
+    looks for EOI in what follows (entropy-coded data cannot hold 0xFFD9), so bytes after EOI (motion photos,
+    padding) and EOIs inside an EXIF thumbnail before the scan do not matter."""
+    pos, n = 2, len(data)
+    while pos + 4 <= n:
+        if data[pos] != 0xFF:
+            return False
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in _UNSIZED_MARKERS:
+            pos += 2
+            continue
+        length = int.from_bytes(data[pos + 2:pos + 4], "big")
+        if marker == _JPEG_SOS:
+            return data.find(_JPEG_EOI, pos + 2 + length) >= 0
+        pos += 2 + length
+    return False
 
 
 def _read_bytes(path: Path) -> np.ndarray:
@@ -25,20 +49,63 @@ def _read_bytes(path: Path) -> np.ndarray:
         raise DataError(f"cannot read {path}: {e.strerror or e}") from None
 
 
-def read_image(path: str | Path) -> np.ndarray:
-    """Decode a PNG/JPEG as stored: uint8 or uint16, [H, W] or [H, W, 3] in RGB order (alpha dropped)."""
+def _decode(buf: np.ndarray, path: Path) -> np.ndarray:
+    if path.suffix.lower() in (".jpg", ".jpeg", ".jfif") and buf[:2].tobytes() == b"\xff\xd8" \
+            and not jpeg_is_complete(buf.tobytes()):
+        raise DataError(f"unreadable image {path}: truncated JPEG (no end-of-image marker)")
+    try:
+        a = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+    except cv2.error as e:
+        detail = next((line.strip() for line in str(e).splitlines()[::-1] if line.strip()), "")
+        raise DataError(f"unreadable image {path}: OpenCV cannot decode it ({detail})") from None
+    if a is None:
+        raise DataError(f"unreadable image {path}: not a valid image file (corrupt, truncated or an unsupported "
+                        f"format)")
+    return a
+
+
+def read_image(path: str | Path, orient: bool = False) -> np.ndarray:
+    """Decode an image file as stored: uint8 or uint16 (float for float TIFFs), [H, W] or [H, W, 3] in RGB order
+    (alpha dropped). `orient`: turn it as its EXIF orientation says, as viewers show photos (dataset files keep
+    their stored pixels, which their labels match)."""
     path = Path(path)
     buf = _read_bytes(path)
-    if path.suffix.lower() in (".jpg", ".jpeg") and _JPEG_EOI not in buf[-16:].tobytes():
-        raise DataError(f"unreadable image {path}: truncated JPEG (no end-of-image marker)")
-    a = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED) if buf.size else None
-    if a is None:
-        raise DataError(f"unreadable image {path}: not a valid PNG/JPEG (corrupt or truncated)")
+    if buf.size == 0:
+        raise DataError(f"unreadable image {path}: empty file")
+    a = _decode(buf, path)
     if a.ndim == 3 and a.shape[2] == 1:
         a = a[..., 0]
     elif a.ndim == 3:
         a = cv2.cvtColor(a, cv2.COLOR_BGRA2RGB if a.shape[2] == 4 else cv2.COLOR_BGR2RGB)
-    return a
+    return apply_exif_orientation(a, exif_orientation(buf)) if orient else a
+
+
+def exif_orientation(buf: np.ndarray | bytes) -> int:
+    """The EXIF orientation tag (1-8) of an encoded image, 1 when it has none or it cannot be read."""
+    import io
+
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(bytes(buf))) as im:
+            value = int(im.getexif().get(0x0112, 1))
+    except Exception:  # no or broken EXIF: the stored orientation
+        return 1
+    return value if 1 <= value <= 8 else 1
+
+
+def apply_exif_orientation(a: np.ndarray, orientation: int) -> np.ndarray:
+    """Pixels [H, W(, C)] as stored -> as displayed, for EXIF orientation 1-8 (PIL's `exif_transpose`)."""
+    ops = {
+        2: lambda x: x[:, ::-1],
+        3: lambda x: x[::-1, ::-1],
+        4: lambda x: x[::-1],
+        5: lambda x: x.swapaxes(0, 1),
+        6: lambda x: np.rot90(x, -1),  # 90 degrees clockwise
+        7: lambda x: x[::-1, ::-1].swapaxes(0, 1),
+        8: lambda x: np.rot90(x, 1),
+    }
+    return np.ascontiguousarray(ops[orientation](a)) if orientation in ops else a
 
 
 def read_rgb(path: str | Path) -> np.ndarray:

@@ -356,6 +356,7 @@ def prediction_panel(image: np.ndarray, spec: TaskSpec | str, pred: Tensor | np.
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
     from matplotlib.patches import Patch
+    from matplotlib.ticker import ScalarFormatter
 
     spec = get_task(spec) if isinstance(spec, str) else spec
     meaning = output_meaning(spec)
@@ -420,14 +421,19 @@ def prediction_panel(image: np.ndarray, spec: TaskSpec | str, pred: Tensor | np.
         a = a.reshape((-1, *a.shape[-2:])).astype(np.float32)
         if a.shape[0] == 1 or spec.name == "reshading":
             values = a[0]
+            if meaning["value_range"] is not None:  # e.g. no negative metres (the raw output clips them too)
+                values = np.clip(values, *meaning["value_range"])
             lo, hi = (meaning["value_range"] if _MEANING.get(spec.name, {}).get("fixed_range")
                       else robust_range(values))
-            hi = hi if hi > lo else lo + 1e-6
+            if hi - lo < 1e-6 * max(1.0, abs(lo)):  # a (nearly) constant map: a readable bar around its value
+                pad = 1e-3 * max(1.0, abs(lo))
+                lo, hi = lo - pad, hi + pad
             cmap = _cmap(spec)
             ax_pred.imshow(values, cmap=cmap, vmin=lo, vmax=hi)
             ax_pred.set_title(spec.name, fontsize=10)
             cax = ax_side.inset_axes([0.05, 0.05, 0.1, 0.82])
             fig.colorbar(ScalarMappable(Normalize(lo, hi), cmap), cax=cax)
+            cax.yaxis.set_major_formatter(ScalarFormatter(useOffset=False))  # no "1e-7 + 1.3" over the title
             cax.set_title(_axis_label(meaning), fontsize=8, loc="left")
             cax.tick_params(labelsize=8)
         else:

@@ -149,3 +149,34 @@ def test_outputs_never_overwrite_inputs_or_each_other(checkpoint, tmp_path):
     _image(c / "x" / "a.png", 32, 32)
     result = predict_images(checkpoint, [c / "x", c / "a.png", c / "a.png"], tasks=["normal"], device="cpu")
     assert result.written == [c / "x" / "a_normal.png", c / "a_normal.png"]
+
+
+def test_a_second_run_over_a_folder_leaves_the_first_runs_predictions_out(checkpoint, tmp_path):
+    from modsquad.predict import is_prediction
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    _image(folder / "a.jpg", 32, 40)
+    first = predict_images(checkpoint, [folder], tasks=["normal", "depth_euclidean"], device="cpu", raw=True)
+    pngs = [p for p in first.written if p.suffix == ".png"]
+    assert pngs and all(is_prediction(p) for p in pngs)
+    assert cv2.imread(str(pngs[0])) is not None  # the marked PNG still decodes everywhere
+    assert not is_prediction(folder / "a.jpg")
+    again = predict_images(checkpoint, [folder, str(folder / "*.png")], tasks=["normal", "depth_euclidean"],
+                           device="cpu", raw=True)
+    assert again.written == first.written  # replaced, not taken as inputs
+    named = predict_images(checkpoint, [folder / "a.jpg", pngs[0]], tasks=["normal"], device="cpu")
+    assert "modsquad predict" in named.skipped[str(pngs[0])]
+
+
+def test_photos_are_turned_as_their_exif_orientation_says(checkpoint, tmp_path):
+    from PIL import Image
+
+    im = Image.new("RGB", (48, 32), (200, 30, 30))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored landscape, shown portrait
+    im.save(tmp_path / "phone.jpg", exif=exif.tobytes())
+    (image,) = read_images([tmp_path / "phone.jpg"])
+    assert image.shape[:2] == (48, 32)
+    result = predict_images(checkpoint, [tmp_path / "phone.jpg"], tasks=["depth_euclidean"], device="cpu", raw=True)
+    assert cv2.imread(str(result.written[1]), cv2.IMREAD_UNCHANGED).shape[:2] == (48, 32)

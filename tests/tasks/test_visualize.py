@@ -145,3 +145,14 @@ def test_classification_targets_with_their_per_sample_mask(name):
     grid = make_grid(image, {name: torch.randn(spec.channels)}, {name: target}, {name: torch.tensor(True)},
                      min_tile=1)
     assert grid.shape == (LABEL_HEIGHT + H + LABEL_HEIGHT, 3 * W + 2 * 2, 3)
+
+
+def test_prediction_panel_shows_no_negative_metres_and_survives_a_constant_map():
+    image = np.zeros((16, 16, 3), np.uint8)
+    near = torch.full((1, 16, 16), 0.0)
+    below = near.clone()
+    below[0, :4] = -1.5  # a head's overshoot below 0 m is drawn as 0 m, as --raw writes it
+    assert np.array_equal(prediction_panel(image, "depth_euclidean", below),
+                          prediction_panel(image, "depth_euclidean", near))
+    flat = prediction_panel(image, "keypoints2d", torch.full((1, 16, 16), 0.3))
+    assert flat.ndim == 3 and flat.shape[2] == 3
