@@ -619,8 +619,11 @@ def predict_cmd(model: Path = typer.Argument(..., help="Extracted model director
 
     Example: modsquad predict runs/tiny/extracted/normal photos 'shots/*.jpg' --out preds --raw
     """
+    import cv2
+
     from .predict import predict_images
 
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)  # a broken file is reported once, by us
     _out_dir(out)
     _at_least("--batch-size", batch_size)
     tasks = _renamed("--tasks", tasks, "--task", task_old)

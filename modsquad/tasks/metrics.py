@@ -182,9 +182,11 @@ class SegmentationMetric(Metric):
     evaluation (classes seen in neither are 0/0 and skipped; a class only ever predicted scores 0). On a
     full PASCAL/Taskonomy val set every class appears in GT, where this equals the benchmark mean over all
     classes. Classes below `first_label` are never targets (Taskonomy's segment_semantic: 0 = uncertain): logits
-    are arg-maxed over the other channels, a label below it counts as a miss, and the mean leaves them out.
-    pred: logits [B, C, H, W] (argmax here) or labels long [B, H, W]; target: long [B, H, W] with
-    `ignore_index` unlabelled; mask: optional bool [B, H, W]. State: confusion [C*C], rows = target.
+    are arg-maxed over the other channels and the mean leaves them out. A predicted label that is no class (below
+    `first_label`, or outside 0..C-1) is a miss for the target's class and a false positive of none, as in the
+    benchmark code. pred: logits [B, C, H, W] (argmax here) or labels long [B, H, W]; target: long [B, H, W]
+    with `ignore_index` unlabelled; mask: optional bool [B, H, W]. State: confusion [C, C+1] flattened, rows =
+    target, the last column counting predictions of no class.
     """
 
     names = ("miou", "pixel_acc")
@@ -195,7 +197,7 @@ class SegmentationMetric(Metric):
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         self.first_label = first_label
-        super().__init__(num_classes * num_classes)
+        super().__init__(num_classes * (num_classes + 1))
 
     @torch.no_grad()
     def update(self, pred, target, mask=None):
@@ -214,30 +216,34 @@ class SegmentationMetric(Metric):
         if mask is not None:
             valid &= dense_mask(mask, target)
         c = self.num_classes
-        cm = torch.bincount(target[valid] * c + labels[valid].clamp(0, c - 1), minlength=c * c)
-        self._accumulate(cm)
+        labels = labels[valid]
+        labels = torch.where((labels >= self.first_label) & (labels < c), labels, c)  # no class: column C
+        self._accumulate(torch.bincount(target[valid] * (c + 1) + labels, minlength=c * (c + 1)))
+
+    def _table(self) -> Tensor:
+        return self._sums().reshape(self.num_classes, self.num_classes + 1)
 
     def confusion(self) -> Tensor:
-        """float64 [C, C]: rows are true classes, columns predicted classes."""
-        return self._sums().reshape(self.num_classes, self.num_classes)
+        """float64 [C, C]: rows are true classes, columns predicted classes (predictions of no class left out)."""
+        return self._table()[:, :-1]
 
     def per_class_iou(self) -> Tensor:
         """float64 [C]: IoU in 0-1 per class, NaN for classes in neither target nor prediction and for classes
         below `first_label`."""
-        cm = self.confusion()
-        tp = cm.diag()
-        union = cm.sum(0) + cm.sum(1) - tp
+        table = self._table()
+        tp = table.diag()
+        union = table[:, :-1].sum(0) + table.sum(1) - tp
         iou = torch.where(union > 0, tp / union.clamp_min(1), torch.full_like(tp, math.nan))
         iou[:self.first_label] = math.nan
         return iou
 
     def compute(self):
-        cm = self.confusion()
-        total = cm.sum().item()
+        table = self._table()
+        total = table.sum().item()
         if total == 0:
             return {"miou": math.nan, "pixel_acc": math.nan}
         iou = self.per_class_iou()
-        return {"miou": 100.0 * iou.nanmean().item(), "pixel_acc": 100.0 * cm.diag().sum().item() / total}
+        return {"miou": 100.0 * iou.nanmean().item(), "pixel_acc": 100.0 * table.diag().sum().item() / total}
 
 
 def _reverse_cumsum(hist: Tensor) -> Tensor:

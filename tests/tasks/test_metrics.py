@@ -111,7 +111,7 @@ def _saliency_miou_reference(probs, gts, valids):
     """ASTMT / Multi-Task-Learning-PyTorch `eval_sal` (jaccard with void pixels), written out with numpy."""
     thresholds = np.linspace(0.2, 0.9, 15)
     per_image = []
-    for p, g, v in zip(probs, gts, valids):
+    for p, g, v in zip(probs, gts, valids, strict=True):
         if not v.any():
             continue
         row = []
@@ -130,7 +130,7 @@ def test_saliency_miou_is_the_per_image_mean_of_the_mtl_benchmark():
     gts[2][:], probs[2][:] = False, 0.1  # no salient pixel in target or prediction: IoU 1
     valids[4][:] = False  # no valid pixel: the image is skipped
     m = SaliencyMetric(from_logits=False)
-    for p, g, v in zip(probs, gts, valids):
+    for p, g, v in zip(probs, gts, valids, strict=True):
         m.update(torch.tensor(p)[None, None], torch.tensor(g, dtype=torch.float64)[None, None],
                  torch.tensor(v)[None])
     assert m.compute()["miou"] == pytest.approx(_saliency_miou_reference(probs, gts, valids))
@@ -344,3 +344,14 @@ def test_delta_m_zero_baseline_is_named_or_skipped():
     assert zero_baseline_tasks(baseline, list(metrics)) == ["segment_semantic"]
     all_zero = delta_m(metrics, {t: {"l1": 0.0, "miou": 0.0} for t in metrics}, skip_zero_baselines=True)
     assert math.isnan(all_zero["mean"])
+
+
+def test_segmentation_labels_of_no_class_are_misses_not_false_positives():
+    target = torch.tensor([[[0, 0, 1, 2]]])
+    labels = torch.tensor([[[0, 255, 1, 2]]])  # 255 predicted: a miss for class 0, no class gains a pixel
+    m = SegmentationMetric(3)
+    m.update(labels, target)
+    # class 0: tp 1, fn 1 -> 1/2; classes 1, 2: 1 -> mean 5/6 (clamping 255 to class 2 would give 2/3)
+    assert m.compute()["miou"] == pytest.approx(100 * 5 / 6)
+    assert m.compute()["pixel_acc"] == pytest.approx(75.0)
+    assert m.confusion().sum().item() == 3
