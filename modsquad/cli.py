@@ -151,7 +151,7 @@ def data_synth(out: Path = typer.Argument(..., help="Folder to write the suite t
                workers: int = typer.Option(1, "--workers", help="Processes that render in parallel.")):
     """Render the built-in synthetic suite: indoor scenes with exact labels for 14 Taskonomy domains.
 
-    Example: modsquad data synth data/synthetic --images 256 --size 128 --workers 2
+    Example: modsquad data synth data/synth256 --images 256 --size 128 --workers 2
     """
     from .data import synthesize
 
@@ -320,8 +320,9 @@ def _task_paths(items: list[str]) -> dict[str, str]:
 def eval_cmd(checkpoint: Path = typer.Argument(..., help="Run directory (best, else last checkpoint) or a "
                                                ".safetensors file beside its config.yaml."),
              split: str = typer.Option(None, "--split", help="Split to score (default: the run's eval.split, val)."),
-             baseline: list[Path] = typer.Option([], "--baseline", help="Baseline run directory or metrics JSON "
-                                                 "for delta_m (repeatable; merged per task)."),
+             baseline: list[Path] = typer.Option([], "--baseline", help="Baseline run directory (its metrics file, "
+                                                 "else the evaluation its training logged) or metrics JSON for "
+                                                 "delta_m (repeatable; merged per task)."),
              task_baseline: list[str] = typer.Option([], "--task-baseline", help="Single-task baseline, "
                                                      "TASK=RUN_OR_METRICS_JSON (repeatable)."),
              data_root: Path = typer.Option(None, "--data-root", help="Dataset root instead of the run's data.root."),
@@ -351,7 +352,8 @@ def eval_cmd(checkpoint: Path = typer.Argument(..., help="Run directory (best, e
 
 @app.command("compare")
 @user_errors
-def compare_cmd(runs: list[Path] = typer.Argument(..., help="Run directories (each evaluated: metrics.json)."),
+def compare_cmd(runs: list[Path] = typer.Argument(..., help="Run directories (metrics.json, else the evaluation their training logged in "
+                                            "metrics.jsonl)."),
                 baseline: Path | None = typer.Option(None, "--baseline", help="Run for delta_m (default: the first "
                                                      "dense run among RUNS, else none)."),
                 out: Path | None = typer.Option(None, "--out", help="Where compare.md, compare.json and "
@@ -452,7 +454,7 @@ def demo(out: Path = typer.Option(Path("demo_out"), "--out", help="Folder for ev
          threads: int = typer.Option(1, "--threads", help="torch CPU threads (1 suits the tiny model best).")):
     """Synthesise a suite, train with the MI loss, evaluate, extract every task, benchmark extracted vs full.
 
-    About 3 minutes on 2 CPU cores; --quick for a smoke run.
+    About 4-5 minutes on 2 CPU cores; --quick for a smoke run.
 
     Example: modsquad demo --out demo_out
     """

@@ -36,7 +36,7 @@ from rich.table import Table
 from ..checkpoint import load_model, read_metadata, resolve_checkpoint
 from ..core.atomic import atomic_write
 from ..core.errors import ConfigError, UserError
-from ..evaluate.evaluator import read_metrics
+from ..evaluate.evaluator import run_metrics
 from ..extract.usage import check_usage_matches, load_usage
 from ..moe import experts_for_mass_count, router_class, router_names
 from ..run import USAGE_FILE, Run
@@ -124,36 +124,6 @@ def active_flops(model, img_size: int | Sequence[int] | None = None) -> int:
         model.train(was_training)
         for m, flag in tracking:
             m.track_usage = flag
-
-
-def _logged_eval(run: Run, step: int | None) -> dict | None:
-    """The eval record of metrics.jsonl at `step`, else the last one (None when training logged none)."""
-    if not run.log_path.is_file():
-        return None
-    records = []
-    for line in run.log_path.read_text(errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:  # a torn last line of a killed run
-            continue
-        if isinstance(record, dict) and record.get("kind") == "eval" and isinstance(record.get("metrics"), dict):
-            records.append(record)
-    return next((r for r in records if r.get("step") == step), records[-1] if records else None)
-
-
-def run_metrics(path: str | Path, split: str = "val", step: int | None = None) -> tuple[dict, str]:
-    """({task: {metric: value}}, where they came from) of a run: its metrics file of `split`, else the
-    evaluation training recorded in metrics.jsonl (when `split` is the run's data.val_split)."""
-    run = Run(_run_dir(path))
-    if run.metrics_path(split).is_file():
-        return read_metrics(run.path, split, role="run"), run.metrics_path(split).name
-    cfg = run.config_or_none()
-    logged = _logged_eval(run, step) if cfg is None or cfg.data.val_split == split else None
-    if logged is None:
-        raise UserError(f"{run.path}: no {run.metrics_path(split).name} and no {split} evaluation in "
-                        f"{run.log_path.name}; run `modsquad eval {run.path}"
-                        f"{'' if split == 'val' else f' --split {split}'}` first")
-    return logged["metrics"], f"{run.log_path.name} step {logged.get('step')}"
 
 
 def describe_run(path: str | Path, split: str = "val", flops: bool = True) -> dict:

@@ -146,6 +146,50 @@ def read_metrics(path: str | Path, split: str = "val", role: str = "baseline") -
     return metrics
 
 
+def _logged_eval(run: Run, step: int | None) -> dict | None:
+    """The eval record of metrics.jsonl at `step`, else the last one (None when training logged none)."""
+    if not run.log_path.is_file():
+        return None
+    records = []
+    for line in run.log_path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a torn last line of a killed run
+            continue
+        if isinstance(record, dict) and record.get("kind") == "eval" and isinstance(record.get("metrics"), dict):
+            records.append(record)
+    return next((r for r in records if r.get("step") == step), records[-1] if records else None)
+
+
+def run_metrics(path: str | Path, split: str = "val", step: int | None = None) -> tuple[dict, str]:
+    """({task: {metric: value}}, where they came from) of a run: its metrics file of `split`, else the
+    evaluation training recorded in metrics.jsonl (when `split` is the run's data.val_split)."""
+    path = Path(path)
+    run = Run(path.parent if path.is_file() else path)
+    if run.metrics_path(split).is_file():
+        return read_metrics(run.path, split, role="run"), run.metrics_path(split).name
+    cfg = run.config_or_none()
+    logged = _logged_eval(run, step) if cfg is None or cfg.data.val_split == split else None
+    if logged is None:
+        raise UserError(f"{run.path}: no {run.metrics_path(split).name} and no {split} evaluation in "
+                        f"{run.log_path.name}; run `modsquad eval {run.path}"
+                        f"{'' if split == 'val' else f' --split {split}'}` first")
+    return logged["metrics"], f"{run.log_path.name} step {logged.get('step')}"
+
+
+def _baseline_metrics(path: str | Path, split: str) -> dict[str, dict[str, float]]:
+    """A baseline's {task: {metric: value}}: a metrics JSON file, or a run's metrics file of `split`, else the
+    evaluation its training logged for its checkpoint's step (a baseline that was trained but not evaluated)."""
+    path = Path(path)
+    if not path.is_dir() or Run(path).metrics_path(split).is_file() or not Run(path).has_checkpoint:
+        return read_metrics(path, split)
+    step = read_metadata(resolve_checkpoint(path)).get("step")
+    try:
+        return run_metrics(path, split, int(step) if step is not None else None)[0]
+    except UserError:
+        return read_metrics(path, split)  # its message says what to run
+
+
 def load_baseline(baseline: str | Path | Sequence[str | Path] | None = None,
                   task_baselines: Mapping[str, str | Path] | None = None,
                   split: str = "val") -> dict[str, dict[str, float]] | None:
@@ -156,9 +200,9 @@ def load_baseline(baseline: str | Path | Sequence[str | Path] | None = None,
         return None
     merged: dict[str, dict[str, float]] = {}
     for p in paths:
-        merged.update(read_metrics(p, split))
+        merged.update(_baseline_metrics(p, split))
     for task, p in (task_baselines or {}).items():
-        metrics = read_metrics(p, split)
+        metrics = _baseline_metrics(p, split)
         if task not in metrics:
             raise UserError(f"single-task baseline {p} has no results for task {task!r}")
         merged[task] = metrics[task]

@@ -80,3 +80,18 @@ def test_eval_errors_are_user_errors(runs, tmp_path):
     (lone / "last.safetensors").write_bytes((run / "last.safetensors").read_bytes())
     with pytest.raises(CheckpointError, match="config.yaml"):
         evaluate(lone)
+
+
+def test_a_trained_but_not_evaluated_baseline_gives_what_training_logged(runs, tmp_path):
+    import shutil
+
+    _, base = runs
+    fresh = tmp_path / "fresh_base"
+    shutil.copytree(base, fresh)
+    (fresh / "metrics.json").unlink(missing_ok=True)
+    logged = [json.loads(line) for line in (fresh / "metrics.jsonl").read_text().splitlines()]
+    last_eval = [r for r in logged if r.get("kind") == "eval"][-1]
+    assert load_baseline(fresh) == last_eval["metrics"]
+    (fresh / "metrics.jsonl").unlink()  # nothing logged either: the message says what to run
+    with pytest.raises(UserError, match="modsquad eval"):
+        load_baseline(fresh)
