@@ -163,15 +163,7 @@ def sync_run_files(run_dir: str | os.PathLike) -> None:
     files = committed_run_files(run_dir)
     if files is None:
         return
-    for name, src in files.items():
-        top = run_dir / name
-        if top.is_file() and os.path.samefile(top, src):
-            continue
-        tmp = run_dir / f".{name}.link"
-        tmp.unlink(missing_ok=True)
-        link_or_copy(src, tmp)
-        os.replace(tmp, top)
-    fsync_dir(run_dir)
+    _link_top_level(run_dir, files)
     keep = next(iter(files.values())).parent.name
     for entry in (run_dir / CKPT_DIR).iterdir():
         if entry.name == keep:
@@ -182,10 +174,38 @@ def sync_run_files(run_dir: str | os.PathLike) -> None:
             entry.unlink()
 
 
+def _link_top_level(run_dir: Path, files: Mapping[str, Path]) -> None:
+    """Point `RUN/<name>` at each committed file (a hard link, replaced atomically) where it does not already."""
+    changed = False
+    for name, src in files.items():
+        top = run_dir / name
+        if top.is_file() and os.path.samefile(top, src):
+            continue
+        tmp = run_dir / f".{name}.link-{os.getpid()}"
+        tmp.unlink(missing_ok=True)
+        link_or_copy(src, tmp)
+        os.replace(tmp, top)
+        changed = True
+    if changed:
+        fsync_dir(run_dir)
+
+
+def _follow_commit(run_dir: Path) -> None:
+    """A kill between a commit and its top-level links leaves those missing or one checkpoint behind: readers
+    relink them (best effort: a read-only run keeps its files, and its committed step is still in checkpoint.json)."""
+    try:
+        files = committed_run_files(run_dir)
+        if files:
+            _link_top_level(run_dir, files)
+    except (CheckpointError, OSError):
+        pass
+
+
 def resolve_checkpoint(path_or_run_dir: str | os.PathLike) -> Path:
-    """A checkpoint file, or the best (else last) checkpoint of a run directory."""
+    """A checkpoint file, or the best (else last) checkpoint of a run directory (its committed one)."""
     path = Path(path_or_run_dir)
     if path.is_dir():
+        _follow_commit(path)
         for name in RUN_DIR_CANDIDATES:
             if (path / name).is_file():
                 return path / name

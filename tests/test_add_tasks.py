@@ -168,3 +168,15 @@ def test_backbone_freeze_trains_only_new_head(base_run, tmp_path):
             continue
         ref = old_state[name]
         assert torch.equal(value[:ref.shape[0]] if value.shape != ref.shape else value, ref), name
+
+
+def test_adding_tasks_is_reproducible_from_the_seed(base_run, tmp_path):
+    """The new heads and router rows are initialised after seeding: two runs of the same command are equal."""
+    from safetensors.torch import load_file
+
+    for name in ("a", "b"):
+        torch.manual_seed(len(name) * 1234 + ord(name))  # whatever the process's state, the seed decides
+        train_add_tasks(base_run, [NEW], tmp_path / name, freeze="experts", overrides=["train.steps=2"],
+                        progress=False)
+    a, b = (load_file(tmp_path / n / "last.safetensors") for n in ("a", "b"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -50,6 +50,8 @@ class BestTracker:
         self.reference, self.reference_label = reference, reference_label
         self.best_score: float | None = None
         self.last_metrics: dict | None = None
+        self.last_step: int | None = None  # the step of the latest evaluation (None: none yet)
+        self.knows_last_step = True  # False after loading a state.pt of an older modsquad, which did not save it
 
     def update(self, metrics: dict, step: int) -> Evaluation:
         """Score `metrics` (taken at `step`) and return the evaluation, `improved` when it is a new best."""
@@ -66,12 +68,13 @@ class BestTracker:
                 self.best_score = score
         else:
             improved = self.best_score is None
-        self.last_metrics = metrics
+        self.last_metrics, self.last_step = metrics, step
         return Evaluation(step, metrics, score, improved, self.reference_label or "the reference", skips)
 
     def state_dict(self) -> dict:
         return {"best_score": self.best_score, "reference": json.dumps(self.reference),
-                "last_metrics": json.dumps(self.last_metrics), "reference_label": self.reference_label or ""}
+                "last_metrics": json.dumps(self.last_metrics), "reference_label": self.reference_label or "",
+                "last_eval_step": -1 if self.last_step is None else self.last_step}
 
     def load_state_dict(self, state: Mapping) -> None:
         """A configured reference (eval.baseline) wins over the saved one, as when the run started."""
@@ -80,6 +83,9 @@ class BestTracker:
             self.reference = json.loads(state["reference"])
             self.reference_label = state.get("reference_label") or "this run's first evaluation"
         self.last_metrics = json.loads(state["last_metrics"])
+        step = state.get("last_eval_step")
+        self.knows_last_step = step is not None
+        self.last_step = None if step is None or int(step) < 0 else int(step)
 
 
 __all__ = ["BestTracker", "Evaluation", "baseline_label"]

@@ -156,16 +156,15 @@ class RunCheckpoints:
         if self.saved_step == step and not best:
             return False
         payload = state()
-        self.saved_step = step
-        if not self.ctx.is_main:
-            return True
-        extra = {"step": step, "epoch": epoch, "run": self.run_name}
-        files = {LAST_FILE: model_writer(model, extra)}
-        if best:
-            files[BEST_FILE] = model_writer(model, {**extra, "score": best_score})
-        files[STATE_FILE] = lambda p: torch.save(payload, p)
-        # one unit: a kill at any instant leaves the previous or this checkpoint committed, never a mix
-        commit_run_checkpoint(self.run.path, files, info={"step": step, "epoch": epoch})
+        if self.ctx.is_main:
+            extra = {"step": step, "epoch": epoch, "run": self.run_name}
+            files = {LAST_FILE: model_writer(model, extra)}
+            if best:
+                files[BEST_FILE] = model_writer(model, {**extra, "score": best_score})
+            files[STATE_FILE] = lambda p: torch.save(payload, p)
+            # one unit: a kill at any instant leaves the previous or this checkpoint committed, never a mix
+            commit_run_checkpoint(self.run.path, files, info={"step": step, "epoch": epoch})
+        self.saved_step = step  # only once committed: an interrupted save is not skipped as done
         return True
 
     def load(self, model: nn.Module, device: torch.device) -> dict:

@@ -37,7 +37,7 @@ from omegaconf import DictConfig
 from rich.console import Console
 from torch import nn
 
-from ..config import effective_lr
+from ..config import config_to_dict, effective_lr
 from ..core.devices import DistContext, all_reduce_sum, cleanup_distributed, init_distributed
 from ..core.errors import ConfigError, DataError, TrainingError
 from ..data.from_config import resolve_data_root, synthetic_root
@@ -122,21 +122,51 @@ class LogWindow:
         return record
 
 
+def _flat(tree: dict, prefix: str = "") -> dict:
+    """{"train": {"lr": 1}} -> {"train.lr": 1}."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 @contextlib.contextmanager
-def _defer_sigint() -> Iterator[None]:
-    """Hold Ctrl-C during an optimizer update, so an interrupt never leaves weights and state half-updated;
-    the KeyboardInterrupt is raised right after the block."""
+def _defer_sigint(reraise: bool = True) -> Iterator[None]:
+    """Hold Ctrl-C (and SIGTERM) during an optimizer update or a checkpoint write, so an interrupt never leaves
+    weights, state or files half-updated; the KeyboardInterrupt is raised right after the block (`reraise`), or
+    dropped (while the interrupt's own save runs: a second Ctrl-C must not lose it)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     caught = []
-    previous = signal.signal(signal.SIGINT, lambda *_: caught.append(True))
+    previous = {sig: signal.signal(sig, lambda *_: caught.append(True)) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
-    if caught:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if caught and reraise:
         raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM (batch schedulers, torchrun stopping its workers) stops training like Ctrl-C: save, then exit."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class Trainer:
@@ -200,6 +230,7 @@ class Trainer:
         seed_all(cfg.train.seed + self.ctx.rank)  # drop-path / noise differ per rank, like the data
         if resume:
             self._load_state()
+            self._note_changed_settings(cfg)
         else:
             self.checkpoints.start(cfg)
         self.sinks = build_sinks(self.run, self.console, is_main=self.ctx.is_main, progress=progress,
@@ -224,10 +255,12 @@ class Trainer:
                 "weighting": self.objective.weighting.state_dict(), "rng": gather_rng(self.ctx),
                 **self.best.state_dict()}
 
-    def save(self, best: bool = False) -> None:
-        """Commit last.safetensors (and best.safetensors) and state.pt as one unit; collective under DDP."""
-        self.checkpoints.save(self.model, self._state, self.state.step, self.state.epoch, best=best,
-                              best_score=self.best.best_score)
+    def save(self, best: bool = False, reraise: bool = True) -> None:
+        """Commit last.safetensors (and best.safetensors) and state.pt as one unit; collective under DDP. An
+        interrupt waits until the checkpoint is committed (and is dropped with `reraise=False`)."""
+        with _defer_sigint(reraise):
+            self.checkpoints.save(self.model, self._state, self.state.step, self.state.epoch, best=best,
+                                  best_score=self.best.best_score)
 
     def _load_state(self) -> None:
         state = self.checkpoints.load(self.model, self.device)
@@ -370,8 +403,8 @@ class Trainer:
         return evaluated
 
     def fit(self) -> TrainResult:
-        """Train until train.steps / train.epochs (or `stop_after`); Ctrl-C saves and returns interrupted."""
-        eval_every, save_every = self.cfg.train.eval_every, self.cfg.output.save_every
+        """Train until train.steps / train.epochs (or `stop_after`); Ctrl-C or SIGTERM saves and returns
+        interrupted."""
         interrupted, history = False, []
         evaluated = self.state.step if self.resumed else -1  # the step of the last evaluation
         window = LogWindow(self.state.step)
@@ -380,26 +413,64 @@ class Trainer:
                     + (f"; TensorBoard: tensorboard --logdir {tb}" if self.cfg.output.tensorboard else ""))
         self.sinks.start(self.state.step, self.total_steps)
         try:
-            while not self._should_stop():
-                in_epoch = self._train_epoch(window, history)
-                evaluated = evaluated if in_epoch is None else in_epoch
-                if self.state.step_in_epoch >= self.steps_per_epoch:
-                    self._end_epoch()
-                    ev = self.checkpoint(evaluate=not eval_every, save=self.state.epoch % save_every == 0)
-                    evaluated = evaluated if ev is None else ev.step
-            finished = self.state.step >= self.total_steps
-            self.checkpoint(evaluate=finished and evaluated != self.state.step)
+            with _sigterm_interrupts():
+                if self.resumed:
+                    evaluated = self._redo_interrupted_eval(evaluated)
+                self._fit_loop(window, history, evaluated)
         except KeyboardInterrupt:
             interrupted = True
-            self.save()
-            self._print(f"[yellow]interrupted at step {self.state.step}; saved {self.run.last_path} and "
-                        f"state.pt; continue with --resume[/]")
+            self._print(f"[yellow]interrupted at step {self.state.step}; saving (Ctrl-C is held until saved)[/]")
+            self.save(reraise=False)
+            self._print(f"[yellow]saved {self.run.last_path} and state.pt at step {self.state.step}; continue "
+                        f"with --resume[/]")
         finally:
             self.sinks.close()
             for hook in self.hooks:
                 hook.close()
         return TrainResult(self.out, self.state.step, self.state.epoch, self.total_steps, interrupted,
                            self.best.last_metrics, self.best.best_score, history, self.ctx.is_main)
+
+    def _note_changed_settings(self, cfg: DictConfig) -> None:
+        """A resume under other settings than the run's config.yaml (more steps, another batch size or seed) is a
+        different run from here on: say which keys changed and record the settings it continues under."""
+        if not self.run.has_config:
+            return
+        before = _flat(config_to_dict(self.run.resume_config()))
+        after = _flat(config_to_dict(cfg))
+        changed = [f"{k} {before.get(k)!r} -> {after.get(k)!r}" for k in sorted(set(before) | set(after))
+                   if before.get(k) != after.get(k) and not k.startswith("output.")]
+        if not changed:
+            return
+        self._print(f"[yellow]resuming with changed settings: {'; '.join(changed)}; the run continues under them "
+                    f"(not bit-equal to an uninterrupted run any more) and config.yaml records them[/]")
+        if self.ctx.is_main:
+            self.run.write_config(cfg)
+
+    def _redo_interrupted_eval(self, evaluated: int) -> int:
+        """An evaluation that was due at the step the run resumes from but never finished (interrupted) runs now,
+        so the resumed log and best checkpoint equal an uninterrupted run's. Returns the step of the last eval."""
+        step, eval_every = self.state.step, self.cfg.train.eval_every
+        if not self.best.knows_last_step:  # a state.pt of an older modsquad: assume the eval happened
+            return evaluated
+        last = -1 if self.best.last_step is None else self.best.last_step
+        due = step > 0 and (step % eval_every == 0 if eval_every else self.state.step_in_epoch == 0)
+        if due and last != step:
+            self.checkpoint(evaluate=True, save=False)
+            return step
+        return last
+
+    def _fit_loop(self, window: LogWindow, history: list[dict], evaluated: int) -> None:
+        """The epochs of `fit`, then the final evaluation and save; `evaluated`: the step of the last evaluation."""
+        eval_every, save_every = self.cfg.train.eval_every, self.cfg.output.save_every
+        while not self._should_stop():
+            in_epoch = self._train_epoch(window, history)
+            evaluated = evaluated if in_epoch is None else in_epoch
+            if self.state.step_in_epoch >= self.steps_per_epoch:
+                self._end_epoch()
+                ev = self.checkpoint(evaluate=not eval_every, save=self.state.epoch % save_every == 0)
+                evaluated = evaluated if ev is None else ev.step
+        finished = self.state.step >= self.total_steps
+        self.checkpoint(evaluate=finished and evaluated != self.state.step)
 
 
 def train(cfg: DictConfig | None, out: str | Path | None = None, resume: bool = False, *,

@@ -27,6 +27,7 @@ from ..core.errors import CheckpointError, ConfigError
 from ..models.grow import FREEZE_MODES, add_tasks
 from ..run import LAST_FILE, Run
 from .hooks import FreezeHook
+from .state import seed_all
 from .trainer import Trainer
 
 
@@ -79,6 +80,7 @@ def train_add_tasks(source: str | Path | None, new_tasks: Sequence[str] | None, 
                                   f"its config.yaml) for the data and training settings")
         old = load_model(ckpt)
         new_tasks = list(new_tasks)
+        seed_all(load_config(cfg_path, list(overrides)).train.seed)  # new heads and router rows: set by the seed
         model = add_tasks(old, new_tasks, router_init_from=router_init_from)
         cfg = add_tasks_config(cfg_path, new_tasks, overrides)
         if list(cfg.model.tasks) != model.tasks:

@@ -111,3 +111,104 @@ def test_resume_with_another_model_is_refused(resume_cfg, uninterrupted, make_cf
     other = make_cfg(model={"overrides": {**make_cfg().model.overrides, "mlp_experts": 8}})
     with pytest.raises(CheckpointError, match="mlp_experts"):
         train(other, out, resume=True, progress=False)
+
+
+def test_ctrl_c_inside_a_checkpoint_write_saves_it_again(resume_cfg, uninterrupted, tmp_path, monkeypatch):
+    """An interrupt that aborts the first checkpoint's commit (end of epoch 1): the interrupt's own save must
+    still commit that step (not skip it as already saved), and the resumed run equals the uninterrupted one."""
+    import modsquad.train.state as state_module
+
+    real = state_module.commit_run_checkpoint
+    calls = []
+
+    def interrupting(run_dir, writers, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return real(run_dir, writers, **kwargs)
+
+    monkeypatch.setattr(state_module, "commit_run_checkpoint", interrupting)
+    out = tmp_path / "in_save"
+    result = train(resume_cfg(), out, progress=False)
+    assert result.interrupted and result.step > 0
+    assert json.loads((out / "checkpoint.json").read_text())["step"] == result.step
+    monkeypatch.setattr(state_module, "commit_run_checkpoint", real)
+    train(resume_cfg(), out, resume=True, progress=False)
+    _assert_same_run(uninterrupted, out)
+    assert _log_steps(out) == _log_steps(uninterrupted)
+
+
+def test_ctrl_c_during_an_evaluation_redoes_it_on_resume(resume_cfg, uninterrupted, tmp_path, monkeypatch):
+    import modsquad.train.trainer as trainer_module
+
+    real = trainer_module.evaluate_model
+
+    def interrupting(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer_module, "evaluate_model", interrupting)
+    out = tmp_path / "in_eval"
+    result = train(resume_cfg(), out, progress=False)
+    assert result.interrupted and result.step > 0  # the first evaluation never finished
+    monkeypatch.setattr(trainer_module, "evaluate_model", real)
+    train(resume_cfg(), out, resume=True, progress=False)
+    _assert_same_run(uninterrupted, out)
+    assert _log_steps(out) == _log_steps(uninterrupted)  # the step-5 evaluation is in the log
+    a, b = load_file(uninterrupted / "best.safetensors"), load_file(out / "best.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_kill_between_commit_and_links_leaves_a_loadable_run(resume_cfg, tmp_path, monkeypatch):
+    import modsquad.checkpoint as checkpoint_module
+    from modsquad.checkpoint import load_model, read_metadata, resolve_checkpoint
+
+    # as if killed right after checkpoint.json was replaced, before the top-level hard links
+    monkeypatch.setattr(checkpoint_module, "sync_run_files", lambda run_dir: None)
+    out = tmp_path / "no_links"
+    train(resume_cfg(), out, stop_after=2, progress=False)
+    assert not (out / "last.safetensors").exists()
+    assert resolve_checkpoint(out) == out / "last.safetensors"  # readers relink the committed files
+    assert int(read_metadata(out)["step"]) == 2 and load_model(out) is not None
+
+
+def test_resume_under_changed_settings_says_so_and_records_them(resume_cfg, tmp_path):
+    from io import StringIO
+
+    from rich.console import Console
+
+    from modsquad.config import load_config
+
+    out = tmp_path / "changed"
+    train(resume_cfg(), out, stop_after=3, progress=False)
+    cfg = resume_cfg()
+    cfg.train.steps = N + 2
+    buf = StringIO()
+    result = train(cfg, out, resume=True, progress=False, console=Console(file=buf, width=300))
+    assert result.step == N + 2
+    assert f"train.steps {N} -> {N + 2}" in buf.getvalue()
+    assert load_config(out / "config.yaml").train.steps == N + 2
+
+
+def test_sigterm_stops_like_ctrl_c(resume_cfg, uninterrupted, tmp_path, monkeypatch):
+    """Batch schedulers (and torchrun) send SIGTERM: the run saves where it is and resumes exactly."""
+    import os
+    import signal
+
+    real = Trainer._optimizer_step
+    calls = []
+
+    def terminated(self, *args):
+        out = real(self, *args)
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    monkeypatch.setattr(Trainer, "_optimizer_step", terminated)
+    out = tmp_path / "sigterm"
+    result = train(resume_cfg(), out, progress=False)
+    assert result.interrupted and result.step == 3
+    assert json.loads((out / "checkpoint.json").read_text())["step"] == 3
+    monkeypatch.setattr(Trainer, "_optimizer_step", real)
+    train(resume_cfg(), out, resume=True, progress=False)
+    _assert_same_run(uninterrupted, out)
