@@ -167,6 +167,15 @@ class RunCheckpoints:
         self.saved_step = step  # only once committed: an interrupted save is not skipped as done
         return True
 
+    def check_model(self, model: nn.Module) -> None:
+        """CheckpointError unless `model` has the committed checkpoint's architecture (before any data is built)."""
+        last = self.run.committed(LAST_FILE)
+        saved, mine = read_model_config(last), dict(model.config)
+        diff = sorted(k for k in set(saved) | set(mine) if k != "name" and saved.get(k) != mine.get(k))
+        if diff:
+            raise CheckpointError(f"{last}: model differs from the config's in {', '.join(diff)}; resume with the "
+                                  f"run's own config ({self.run.config_path})")
+
     def load(self, model: nn.Module, device: torch.device) -> dict:
         """Load the committed weights into `model` and return state.pt's dict, after checking that both are from
         the same step and that `model` has the checkpoint's architecture. Repairs the top-level links (rank 0)."""
@@ -180,11 +189,7 @@ class RunCheckpoints:
         if int(meta.get("step", -1)) != state["step"]:
             raise CheckpointError(f"{last} is from step {meta.get('step')} but {path} from step {state['step']}; "
                                   f"the run directory is inconsistent")
-        saved, mine = read_model_config(last), dict(model.config)
-        diff = sorted(k for k in set(saved) | set(mine) if k != "name" and saved.get(k) != mine.get(k))
-        if diff:
-            raise CheckpointError(f"{last}: model differs from the config's in {', '.join(diff)}; resume with the "
-                                  f"run's own config ({self.run.config_path})")
+        self.check_model(model)
         model.load_state_dict(read_state_dict(last, device))
         self.saved_step = state["step"]
         if self.ctx.is_main:

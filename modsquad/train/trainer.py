@@ -210,6 +210,8 @@ class Trainer:
         seed_all(cfg.train.seed)
         self.model = build_model(cfg, self.tasks, self.device, self._print) if model is None else model.to(self.device)
         check_img_size(cfg, self.model)
+        if resume:
+            self.checkpoints.check_model(self.model)  # another config's model: refused before data is rendered
 
         self.data = build_data(cfg, self.ctx, self._print)
         self.steps_per_epoch = self.data.micro_batches_per_epoch // self.accum
@@ -273,8 +275,9 @@ class Trainer:
         if len(rng) == self.ctx.world_size:
             set_rng_state(rng[self.ctx.rank])
         else:
-            self._print(f"[yellow]resuming with {self.ctx.world_size} processes instead of {len(rng)}: same data "
-                        f"order, but RNG streams (drop path) restart[/]")
+            self._print(f"[yellow]resuming with {self.ctx.world_size} processes instead of {len(rng)}: the global "
+                        f"batch is data.batch_size x {self.ctx.world_size} now (was x {len(rng)}), so the rest of "
+                        f"the run sees the samples in other steps, and RNG streams (drop path) restart[/]")
         self._print(f"resumed {self.out} at step {self.state.step} (epoch {self.state.epoch})")
 
     # --- one step ---
