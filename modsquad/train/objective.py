@@ -110,7 +110,9 @@ def non_finite_terms(terms: Mapping[str, torch.Tensor], ctx: DistContext) -> lis
     bad = all_reduce_sum(bad, ctx)
     if not bad.any():
         return []
-    return [k for k, b in zip(terms, bad.tolist(), strict=True) if b and k != "loss"] or ["loss"]
+    return [k for k, b in zip(terms, bad.tolist(), strict=True) if b and k != "loss"] or [
+        "loss (the weighted total: every term is finite, so the loss weighting overflowed; lower train.lr or "
+        "check train.weighting)"]
 
 
 __all__ = ["AUX_TERMS", "Loss", "Objective", "aux_term", "aux_weights", "build_objective", "non_finite_terms"]

@@ -58,3 +58,14 @@ def test_best_tracker_returns_whether_it_improved():
     ev = missing.update({"normal": {"mean_angle": 40.0}}, 1)
     assert math.isnan(ev.score) and ev.improved and ev.reference == "baseline runs/base"
     assert baseline_label(None, {"normal": "runs/n"}) == "task baselines normal=runs/n"
+
+
+def test_non_finite_terms_names_the_term_or_the_weighting():
+    from modsquad.core.devices import DistContext
+    from modsquad.train.objective import non_finite_terms
+
+    ctx = DistContext()
+    assert non_finite_terms({"loss": torch.tensor(1.0), "loss/a": torch.tensor(2.0)}, ctx) == []
+    assert non_finite_terms({"loss": torch.tensor(math.inf), "loss/a": torch.tensor(math.nan)}, ctx) == ["loss/a"]
+    (only,) = non_finite_terms({"loss": torch.tensor(math.inf), "loss/a": torch.tensor(2.0)}, ctx)
+    assert only.startswith("loss (") and "weighting" in only
