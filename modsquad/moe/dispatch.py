@@ -172,7 +172,7 @@ def combine(y_sorted: torch.Tensor, weights: torch.Tensor, plan: DispatchPlan) -
 
     y_sorted: [S, D] sorted by expert, weights: [T, k] -> [T, D] = sum_i weights[t, i] * y[t, i].
     """
-    y = unsort_rows(y_sorted, plan).view(plan.num_tokens, plan.top_k, -1)
+    y = unsort_rows(y_sorted, plan).view(plan.num_tokens, plan.top_k, y_sorted.shape[-1])  # (no -1: T may be 0)
     return torch.bmm(weights.to(y.dtype).unsqueeze(1), y).squeeze(1)  # one pass over y, unlike (y * w).sum(1)
 
 

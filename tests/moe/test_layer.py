@@ -61,3 +61,16 @@ def test_fold_of_fixed_routing_equals_the_layer(kind):
         torch.testing.assert_close(dense(x), layer(x, torch.full((2,), 1)), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="fixed routing"):
         _layer(kind).slice(0, [0, 1]).fold()
+
+
+@pytest.mark.parametrize("kind", ["mlp", "attn"])
+def test_an_empty_batch_passes_through_both_ways(kind):
+    """Zero images (an empty last batch, an ONNX/torch call with batch 0) give an empty output and gradient."""
+
+    layer = (MoEMlp(16, 64, 4, 2, 3) if kind == "mlp"
+             else MoEAttention(16, 8, 4, 2, 3))
+    x = torch.zeros(0, 5, 16, requires_grad=True)
+    out = layer(x, torch.zeros(0, dtype=torch.long))
+    assert out.shape == (0, 5, 16)
+    out.sum().backward()  # runs; the (empty) input gradient may be left as None
+    assert x.grad is None or x.grad.shape == x.shape
