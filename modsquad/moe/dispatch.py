@@ -172,7 +172,7 @@ def combine(y_sorted: torch.Tensor, weights: torch.Tensor, plan: DispatchPlan) -
 
     y_sorted: [S, D] sorted by expert, weights: [T, k] -> [T, D] = sum_i weights[t, i] * y[t, i].
     """
-    y = unsort_rows(y_sorted, plan).view(plan.num_tokens, plan.top_k, y_sorted.shape[-1])  # (no -1: T may be 0)
+    y = _token_slots(y_sorted, plan)
     return torch.bmm(weights.to(y.dtype).unsqueeze(1), y).squeeze(1)  # one pass over y, unlike (y * w).sum(1)
 
 
@@ -187,7 +187,12 @@ def sum_by_token(y_sorted: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
     if y_sorted.device.type in INDEX_ADD_DEVICES and not torch.compiler.is_compiling():
         out = y_sorted.new_zeros(plan.num_tokens, y_sorted.shape[-1])
         return out.index_add(0, plan.token_index, y_sorted)
-    return unsort_rows(y_sorted, plan).view(plan.num_tokens, plan.top_k, -1).sum(dim=1)
+    return _token_slots(y_sorted, plan).sum(dim=1)
+
+
+def _token_slots(y_sorted: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    """[S, D] sorted by expert -> [T, k, D] in (token, slot) order (D spelled out: with T = 0 a -1 is ambiguous)."""
+    return unsort_rows(y_sorted, plan).view(plan.num_tokens, plan.top_k, y_sorted.shape[-1])
 
 
 class _AddExpertBias(torch.autograd.Function):

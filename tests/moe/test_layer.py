@@ -63,9 +63,15 @@ def test_fold_of_fixed_routing_equals_the_layer(kind):
         _layer(kind).slice(0, [0, 1]).fold()
 
 
+@pytest.mark.parametrize("index_add", [True, False])
 @pytest.mark.parametrize("kind", ["mlp", "attn"])
-def test_an_empty_batch_passes_through_both_ways(kind):
-    """Zero images (an empty last batch, an ONNX/torch call with batch 0) give an empty output and gradient."""
+def test_an_empty_batch_passes_through_both_ways(kind, index_add, monkeypatch):
+    """Zero images (an empty last batch, an ONNX/torch call with batch 0) give an empty output and gradient, with
+    the CPU's index_add sums and with the un-sort-and-sum path GPUs and torch.compile take."""
+    import modsquad.moe.dispatch as dispatch
+
+    if not index_add:
+        monkeypatch.setattr(dispatch, "INDEX_ADD_DEVICES", set())
 
     layer = (MoEMlp(16, 64, 4, 2, 3) if kind == "mlp"
              else MoEAttention(16, 8, 4, 2, 3))
