@@ -20,7 +20,7 @@ try:  # typer >= 0.2x carries its own copy of click; its usage errors are that c
 except ImportError:  # pragma: no cover - typer on the public click
     from click.exceptions import NoArgsIsHelpError, UsageError
 
-from .core.atomic import check_dir_path
+from .core.atomic import PLACE_ERRNOS, check_dir_path
 from .core.errors import ConfigError, UserError
 from .core.version import __version__
 
@@ -66,7 +66,7 @@ app.add_typer(data_app, name="data")
 #: UserErrors as a last line of defence, for paths the library did not check itself.
 _PATH_ERRORS = (FileExistsError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
 #: ... and OS errors of the place a path points to (a read-only mount, a full disk or quota, a too long name)
-_PATH_ERRNOS = {errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENAMETOOLONG, errno.EACCES, errno.EPERM}
+_PATH_ERRNOS = PLACE_ERRNOS | {errno.ENAMETOOLONG}
 
 
 def user_errors(fn):
@@ -287,9 +287,10 @@ def _train_add_tasks(config, overrides, out, resume, stop_after, from_run, add_t
                           "(change it with --set)")
     if resume and (from_run is not None or add_tasks is not None):
         raise ConfigError("--resume continues an add-tasks run from its grow.json; drop --from/--add-tasks")
-    if not resume and (from_run is None or not _csv(add_tasks, "--add-tasks")):
+    new_tasks = _csv(add_tasks, "--add-tasks")
+    if not resume and (from_run is None or not new_tasks):
         raise ConfigError("adding tasks needs both --from RUN and --add-tasks TASK[,TASK]")
-    return train_add_tasks(from_run, _csv(add_tasks, "--add-tasks"), out, freeze=freeze, router_init_from=router_init_from,
+    return train_add_tasks(from_run, new_tasks, out, freeze=freeze, router_init_from=router_init_from,
                            overrides=overrides, resume=resume, stop_after=stop_after, console=console)
 
 
@@ -352,8 +353,8 @@ def eval_cmd(checkpoint: Path = typer.Argument(..., help="Run directory (best, e
 
 @app.command("compare")
 @user_errors
-def compare_cmd(runs: list[Path] = typer.Argument(..., help="Run directories (metrics.json, else the evaluation their training logged in "
-                                            "metrics.jsonl)."),
+def compare_cmd(runs: list[Path] = typer.Argument(..., help="Run directories (metrics.json, else the evaluation "
+                                                 "their training logged in metrics.jsonl)."),
                 baseline: Path | None = typer.Option(None, "--baseline", help="Run for delta_m (default: the first "
                                                      "dense run among RUNS, else none)."),
                 out: Path | None = typer.Option(None, "--out", help="Where compare.md, compare.json and "

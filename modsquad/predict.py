@@ -56,6 +56,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".jfif", ".tif", ".tiff", ".bmp", ".w
 #: A PNG text chunk every PNG that `predict` writes carries, so that a later run over the same folder leaves its
 #: predictions out of the inputs (and may replace them) instead of taking them for photographs.
 OUTPUT_MARK = b"Software\x00modsquad predict"
+_IHDR_END = 33  # PNG signature (8 bytes) + IHDR chunk (length 4, type 4, data 13, CRC 4): where the mark goes
 #: The long side of a resized image is at most this many times its short side (panoramas are shrunk further).
 MAX_ASPECT = 4.0
 #: How inputs are fitted to the model, for --help, the README and the result.
@@ -130,22 +131,27 @@ def is_prediction(path: Path) -> bool:
         return False
     try:
         with open(path, "rb") as fh:
-            head = fh.read(33 + 12 + len(OUTPUT_MARK))
+            head = fh.read(_IHDR_END + 8 + len(OUTPUT_MARK))
     except OSError:
         return False
-    return head[33 + 4:].startswith(b"tEXt" + OUTPUT_MARK)
+    return head[_IHDR_END + 4:].startswith(b"tEXt" + OUTPUT_MARK)  # after the chunk's length field
 
 
 def _mark_png(png: bytes) -> bytes:
-    """Insert the `OUTPUT_MARK` tEXt chunk after the IHDR chunk (the first 33 bytes) of an encoded PNG."""
+    """Insert the `OUTPUT_MARK` tEXt chunk (length, type + data, CRC) right after the IHDR chunk of a PNG."""
     chunk = b"tEXt" + OUTPUT_MARK
-    return png[:33] + len(OUTPUT_MARK).to_bytes(4, "big") + chunk + zlib.crc32(chunk).to_bytes(4, "big") + png[33:]
+    mark = len(OUTPUT_MARK).to_bytes(4, "big") + chunk + zlib.crc32(chunk).to_bytes(4, "big")
+    return png[:_IHDR_END] + mark + png[_IHDR_END:]
+
+
+def _is_input_image(path: Path) -> bool:
+    """An image file a folder or pattern contributes: a known suffix, not an earlier prediction."""
+    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not is_prediction(path)
 
 
 def _images_in(folder: Path) -> list[Path]:
     """The image files of a folder, sorted, without earlier predictions of `modsquad predict`."""
-    return sorted(f for f in folder.iterdir()
-                  if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES and not is_prediction(f))
+    return sorted(f for f in folder.iterdir() if _is_input_image(f))
 
 
 def expand_inputs(paths: Sequence[str | os.PathLike]) -> tuple[list[Path], dict[str, str]]:
@@ -168,8 +174,7 @@ def expand_inputs(paths: Sequence[str | os.PathLike]) -> tuple[list[Path], dict[
                 files.append(p)
         elif glob.has_magic(str(raw)):
             matches = [Path(m) for m in sorted(glob.glob(str(raw)))]
-            found = [m for m in matches
-                     if m.is_file() and m.suffix.lower() in IMAGE_SUFFIXES and not is_prediction(m)]
+            found = [m for m in matches if _is_input_image(m)]
             for m in matches:
                 if m.is_dir():
                     found.extend(_images_in(m))

@@ -62,7 +62,7 @@ def fsync_file(path: str | os.PathLike) -> None:
 
 
 #: errors of the place an output goes, not of the program: reported as an OutputPathError naming the output
-_PLACE_ERRNOS = {errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM}
+PLACE_ERRNOS = {errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM}
 
 
 @contextmanager
@@ -72,7 +72,7 @@ def _naming(path: Path) -> Iterator[None]:
     try:
         yield
     except OSError as e:
-        if e.errno not in _PLACE_ERRNOS:
+        if e.errno not in PLACE_ERRNOS:
             raise
         raise OutputPathError(f"cannot write {path}: {e.strerror or e}") from None
 
@@ -98,7 +98,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with _naming(path):
             yield tmp
             fsync_file(tmp)
-            os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the usual permissions
+            chmod_default(tmp)  # mkstemp creates 0600
             os.replace(tmp, path)
         fsync_dir(path.parent)
     finally:
@@ -159,5 +159,5 @@ def link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
         fsync_file(dst)
 
 
-__all__ = ["OutputPathError", "atomic_path", "atomic_write", "check_dir_path", "chmod_default", "ensure_dir", "fsync_dir",
+__all__ = ["PLACE_ERRNOS", "OutputPathError", "atomic_path", "atomic_write", "check_dir_path", "chmod_default", "ensure_dir", "fsync_dir",
            "fsync_file", "link_or_copy", "publish", "staging_dir"]

@@ -58,7 +58,7 @@ def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
             raise ConfigError(f"device {name!r}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
         return dev
     if dev.type == "mps":
-        if not (torch.backends.mps.is_available()):
+        if not torch.backends.mps.is_available():
             raise ConfigError(f"device {name!r}: MPS is not available here; use auto or cpu")
         return dev
     if dev.type != "cpu":

@@ -183,7 +183,7 @@ def _baseline_metrics(path: str | Path, split: str) -> dict[str, dict[str, float
     path = Path(path)
     if not path.is_dir() or Run(path).metrics_path(split).is_file() or not Run(path).has_checkpoint:
         return read_metrics(path, split)
-    step = read_metadata(resolve_checkpoint(path)).get("step")
+    step = read_metadata(path).get("step")
     try:
         return run_metrics(path, split, int(step) if step is not None else None)[0]
     except UserError:

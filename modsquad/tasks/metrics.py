@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ..core.errors import UserError
 from .losses import dense_mask, resize_to_target
-from .registry import IGNORE_INDEX, TaskSpec, get_task
+from .registry import IGNORE_INDEX, TaskSpec, class_ids, get_task
 
 ReduceFn = Callable[[Tensor], "Tensor | None"]
 
@@ -204,8 +204,7 @@ class SegmentationMetric(Metric):
         pred, target, mask = _f64_device(pred), _f64_device(target), _f64_device(mask)
         target = target[:, 0] if target.dim() == 4 else target
         if pred.is_floating_point():
-            first = self.first_label
-            labels = resize_to_target(pred[:, first:].float(), target.shape[-2:]).argmax(dim=1) + first
+            labels = class_ids(resize_to_target(pred.float(), target.shape[-2:]), self.first_label, dim=1)
         else:
             labels = pred[:, 0] if pred.dim() == 4 else pred
             if labels.shape[-2:] != target.shape[-2:]:

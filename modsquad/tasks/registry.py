@@ -64,11 +64,16 @@ class TaskSpec:
         return (metric or self.primary) in LOWER_IS_BETTER
 
     def class_ids(self, logits, dim: int = 0):
-        """Segmentation logits (numpy array or tensor) -> class ids: the arg-max over channel `dim`, among the
-        channels a target can hold (from `first_label` up)."""
-        index = [slice(None)] * logits.ndim
-        index[dim] = slice(self.first_label, None)
-        return logits[tuple(index)].argmax(dim) + self.first_label
+        """Segmentation logits (numpy array or tensor) -> class ids (`class_ids`, from `first_label` up)."""
+        return class_ids(logits, self.first_label, dim)
+
+
+def class_ids(logits, first_label: int = 0, dim: int = 0):
+    """Segmentation logits (numpy array or tensor) -> class ids: the arg-max over channel `dim` among the channels
+    a target can hold (`first_label` and up)."""
+    index = [slice(None)] * logits.ndim
+    index[dim] = slice(first_label, None)
+    return logits[tuple(index)].argmax(dim) + first_label
 
 
 # --- Taskonomy file codecs ------------------------------------------------------------------------------

@@ -51,7 +51,6 @@ class BestTracker:
         self.best_score: float | None = None
         self.last_metrics: dict | None = None
         self.last_step: int | None = None  # the step of the latest evaluation (None: none yet)
-        self.knows_last_step = True  # False after loading a state.pt of an older modsquad, which did not save it
 
     def update(self, metrics: dict, step: int) -> Evaluation:
         """Score `metrics` (taken at `step`) and return the evaluation, `improved` when it is a new best."""
@@ -83,9 +82,9 @@ class BestTracker:
             self.reference = json.loads(state["reference"])
             self.reference_label = state.get("reference_label") or "this run's first evaluation"
         self.last_metrics = json.loads(state["last_metrics"])
-        step = state.get("last_eval_step")
-        self.knows_last_step = step is not None
-        self.last_step = None if step is None or int(step) < 0 else int(step)
+        # a state.pt of an older modsquad has no last_eval_step: its own step counts as evaluated, as resume took it
+        step = int(state.get("last_eval_step", state.get("step", -1)))
+        self.last_step = None if step < 0 else step
 
 
 __all__ = ["BestTracker", "Evaluation", "baseline_label"]

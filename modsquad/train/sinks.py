@@ -78,12 +78,12 @@ class Sinks(Sink):
             s.close()
 
 
-def flat(record: Mapping, prefix: str = "") -> dict:
-    """{"metrics": {"normal": {"l1": 1}}} -> {"metrics/normal/l1": 1}."""
+def flat(record: Mapping, prefix: str = "", sep: str = "/") -> dict:
+    """{"metrics": {"normal": {"l1": 1}}} -> {"metrics/normal/l1": 1} (`sep` "." gives config key names)."""
     out = {}
     for k, v in record.items():
         if isinstance(v, Mapping):
-            out.update(flat(v, f"{prefix}{k}/"))
+            out.update(flat(v, f"{prefix}{k}{sep}", sep))
         else:
             out[f"{prefix}{k}"] = v
     return out

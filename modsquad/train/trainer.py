@@ -49,7 +49,7 @@ from .distributed import no_sync_unless
 from .hooks import TrainHook
 from .objective import Loss, build_objective, non_finite_terms
 from .optim import build_optimizer, build_scheduler
-from .sinks import build_sinks
+from .sinks import build_sinks, flat
 from .state import STATE_VERSION, RunCheckpoints, TrainState, gather_rng, rng_state, seed_all, set_rng_state
 
 
@@ -122,15 +122,19 @@ class LogWindow:
         return record
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
-    """{"train": {"lr": 1}} -> {"train.lr": 1}."""
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
+@contextlib.contextmanager
+def _signal_handler(handler, *signals: signal.Signals) -> Iterator[None]:
+    """`handler` for `signals` inside the block, the previous handlers after it (main thread only: Python runs
+    handlers there, and other threads cannot install them)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, handler) for sig in signals}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 @contextlib.contextmanager
@@ -138,35 +142,15 @@ def _defer_sigint(reraise: bool = True) -> Iterator[None]:
     """Hold Ctrl-C (and SIGTERM) during an optimizer update or a checkpoint write, so an interrupt never leaves
     weights, state or files half-updated; the KeyboardInterrupt is raised right after the block (`reraise`), or
     dropped (while the interrupt's own save runs: a second Ctrl-C must not lose it)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
     caught = []
-    previous = {sig: signal.signal(sig, lambda *_: caught.append(True)) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    with _signal_handler(lambda *_: caught.append(True), signal.SIGINT, signal.SIGTERM):
         yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
     if caught and reraise:
         raise KeyboardInterrupt
 
 
-@contextlib.contextmanager
-def _sigterm_interrupts() -> Iterator[None]:
-    """SIGTERM (batch schedulers, torchrun stopping its workers) stops training like Ctrl-C: save, then exit."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(*_):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+def _interrupt(*_) -> None:
+    raise KeyboardInterrupt
 
 
 class Trainer:
@@ -409,16 +393,15 @@ class Trainer:
         """Train until train.steps / train.epochs (or `stop_after`); Ctrl-C or SIGTERM saves and returns
         interrupted."""
         interrupted, history = False, []
-        evaluated = self.state.step if self.resumed else -1  # the step of the last evaluation
         window = LogWindow(self.state.step)
         tb = self.run.tensorboard_dir
         self._print(f"logging to {self.run.log_path} and metrics.csv"
                     + (f"; TensorBoard: tensorboard --logdir {tb}" if self.cfg.output.tensorboard else ""))
         self.sinks.start(self.state.step, self.total_steps)
         try:
-            with _sigterm_interrupts():
-                if self.resumed:
-                    evaluated = self._redo_interrupted_eval(evaluated)
+            # SIGTERM (batch schedulers, torchrun stopping its workers) stops training like Ctrl-C: save, exit
+            with _signal_handler(_interrupt, signal.SIGTERM):
+                evaluated = self._redo_interrupted_eval() if self.resumed else -1  # the step of the last eval
                 self._fit_loop(window, history, evaluated)
         except KeyboardInterrupt:
             interrupted = True
@@ -438,8 +421,8 @@ class Trainer:
         different run from here on: say which keys changed and record the settings it continues under."""
         if not self.run.has_config:
             return
-        before = _flat(config_to_dict(self.run.resume_config()))
-        after = _flat(config_to_dict(cfg))
+        before = flat(config_to_dict(self.run.resume_config()), sep=".")
+        after = flat(config_to_dict(cfg), sep=".")
         changed = [f"{k} {before.get(k)!r} -> {after.get(k)!r}" for k in sorted(set(before) | set(after))
                    if before.get(k) != after.get(k) and not k.startswith("output.")]
         if not changed:
@@ -449,12 +432,10 @@ class Trainer:
         if self.ctx.is_main:
             self.run.write_config(cfg)
 
-    def _redo_interrupted_eval(self, evaluated: int) -> int:
+    def _redo_interrupted_eval(self) -> int:
         """An evaluation that was due at the step the run resumes from but never finished (interrupted) runs now,
         so the resumed log and best checkpoint equal an uninterrupted run's. Returns the step of the last eval."""
         step, eval_every = self.state.step, self.cfg.train.eval_every
-        if not self.best.knows_last_step:  # a state.pt of an older modsquad: assume the eval happened
-            return evaluated
         last = -1 if self.best.last_step is None else self.best.last_step
         due = step > 0 and (step % eval_every == 0 if eval_every else self.state.step_in_epoch == 0)
         if due and last != step:
